@@ -1,0 +1,47 @@
+"""jigsaw_jax: rule-based visual reinforcement learning of multimodal LLMs in JAX/Flax."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax>=0.4.35",
+    "flax>=0.10.0",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11.0",
+    "transformers>=4.50.0",
+    "tensorflow-datasets>=4.9.7",
+    "einops>=0.8.0",
+    "ml-collections>=0.1.1",
+    "clu>=0.0.12",
+    "grain>=0.2.2",
+    "safetensors>=0.4.5",
+    "numpy>=1.26",
+    "pillow>=10.0",
+    # Bundled photos for the default image source ship inside these packages.
+    "scikit-image>=0.22",
+    "scikit-learn>=1.4",
+    "matplotlib>=3.8",
+    # clu's metric writers import TensorFlow and TensorBoard at import time.
+    "tensorflow-cpu>=2.16",
+    "tensorboard>=2.16",
+]
+
+TEST_REQUIRES = [
+    "pytest>=8.0",
+    "hypothesis>=6.100",
+    # The PyTorch reference in parity tests. Pinned: it is the CPU build available
+    # offline here; any other version pulls a multi-GB CUDA build.
+    "torch==2.13.0",
+]
+
+setuptools.setup(
+    name="jigsaw_jax",
+    version="0.1.0",
+    description=__doc__,
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=setuptools.find_packages(include=["jigsaw_jax", "jigsaw_jax.*"]),
+    package_data={"jigsaw_jax": ["assets/**/*"]},
+    include_package_data=True,
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+)
