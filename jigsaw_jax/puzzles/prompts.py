@@ -1,0 +1,90 @@
+"""Prompt text, following Jigsaw-R1's wording (paper Appendix I) so that trained policies see the
+exact prompts of the paper.
+
+The user turn's text has four parts: the task statement, the index grid, the question, and the
+instruction suffix (thinking or non-thinking, then a format sentence).
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Optional, Sequence
+
+_THINK_INSTRUCTION = (
+    "First, output the thinking process within <think> </think> tags. "
+    "Then, provide the final answer within <answer> </answer> tags. ")
+_DIRECT_INSTRUCTION = "Directly output the final answer. "
+_FORMAT_SENTENCE = {
+    "grid": "The final answer should be the position indexes arranged in a {m}x{n} grid.",
+    "letter": "The final answer should be a single letter.",
+    "digit": "The final answer should be a single number.",
+}
+# Base (non-instruct) models get the R1-Zero template; the completion starts inside <think>.
+_BASE_MODEL_PREAMBLE = (
+    "A conversation between User and Assistant. The user asks a question about the image, "
+    "and the Assistant solves it.\n\nUser: ")
+
+
+def index_grid(m: int, n: int, values: Optional[Sequence[int]] = None) -> str:
+  """An m x n grid of numbers, one row per line, separated by single spaces."""
+  values = list(values) if values is not None else list(range(1, m * n + 1))
+  return "\n".join(" ".join(str(values[i * n + j]) for j in range(n)) for i in range(m))
+
+
+def _direction_words(m: int, n: int) -> tuple[str, str]:
+  if m == 1:
+    return "left", "right"
+  if n == 1:
+    return "top", "bottom"
+  return "top-left", "bottom-right"
+
+
+def task_statement(m: int, n: int, mask_ratio: float = 0.0) -> str:
+  first, last = _direction_words(m, n)
+  mask_info = (" To increase the task difficulty, the borders of each patch have been masked out."
+               if mask_ratio > 0 else "")
+  return (
+      f"The input image is divided into {m}x{n} patches that have been randomly permuted from "
+      f"their original positions. Your task is to solve this {m}x{n} jigsaw puzzle and "
+      f"reconstruct the original image.{mask_info}\n\n"
+      f"Consider a {m}x{n} grid, where each number represents a position index ranging from "
+      f"1 ({first}) to {m * n} ({last}):\n\n```\n{index_grid(m, n)}\n```\n\n")
+
+
+def full_question() -> str:
+  return ("For each patch, determine its correct position index in the original image. If a "
+          "patch currently at position X should belong at position Y, place \"Y\" at position X.")
+
+
+def pair_question(k: int, l: int, choices: Sequence[str]) -> str:
+  lines = "\n".join(f"({string.ascii_uppercase[i]}) {c}" for i, c in enumerate(choices))
+  return (f"For patches currently at positions {k} and {l}, determine their relative position "
+          f"in the original image.\n\nSelect the correct answer from the following "
+          f"{len(choices)} choices:\n\n{lines}")
+
+
+def with_instruction(question: str, answer_type: str, m: int, n: int, think: bool,
+                     instruct_model: bool = True) -> str:
+  """Appends the thinking / direct instruction and the format sentence."""
+  suffix = (_THINK_INSTRUCTION if think else _DIRECT_INSTRUCTION) + _FORMAT_SENTENCE[
+      answer_type].format(m=m, n=n)
+  if instruct_model:
+    return f"{question}\n\n{suffix}"
+  text = f"{_BASE_MODEL_PREAMBLE}{question}\n\n{suffix}\n\nAssistant: "
+  return text + "<think>" if think else text
+
+
+def puzzle_prompt(m: int, n: int, question_type: str, think: bool, *, mask_ratio: float = 0.0,
+                  pair: Optional[tuple[int, int]] = None, choices: Sequence[str] = (),
+                  instruct_model: bool = True) -> str:
+  """The full user-turn text of a puzzle."""
+  if question_type == "full":
+    question, answer_type = full_question(), "grid"
+  elif question_type == "pair":
+    if pair is None:
+      raise ValueError("A pair question needs the two positions `pair=(k, l)`.")
+    question, answer_type = pair_question(pair[0], pair[1], choices), "letter"
+  else:
+    raise ValueError(f"Unknown question_type {question_type!r}; expected 'full' or 'pair'.")
+  return with_instruction(task_statement(m, n, mask_ratio) + question, answer_type, m, n, think,
+                          instruct_model)
