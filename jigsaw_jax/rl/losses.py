@@ -1,0 +1,144 @@
+"""Policy-gradient losses on per-token log-probabilities, registered by name.
+
+All losses share one per-token objective, the clipped surrogate of PPO/GRPO plus an optional KL
+penalty to the reference policy:
+
+    ratio_t = exp(logp_t - old_logp_t)                  (sequence-level for GSPO)
+    loss_t  = -min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t
+
+and differ in how tokens are aggregated (and so how long and short completions are weighted):
+
+* grpo    : mean over each sequence's tokens, then mean over sequences (Shao et al.; Jigsaw-R1).
+* dr_grpo : sum over all tokens / (num_sequences * max_completion_length) (Liu et al. 2025).
+* dapo    : sum over all tokens / number of tokens, usually with eps_high > eps_low (Yu et al.).
+* gspo    : the ratio is exp(mean_t(logp - old_logp)) per sequence (Zheng et al. 2025), then
+            aggregated like grpo.
+
+With mu = 1 inner iteration, old_logp is the current logp without gradient: the ratio is exactly 1
+and the gradient is -A * grad(logp), as in the paper's runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+
+KL_ESTIMATORS: Dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
+    # Functions of log_ratio = ref_logp - logp, for samples drawn from the policy (Schulman 2020).
+    "k1": lambda log_ratio: -log_ratio,
+    "k2": lambda log_ratio: 0.5 * log_ratio**2,
+    "k3": lambda log_ratio: jnp.exp(log_ratio) - log_ratio - 1.0,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  name: str = "grpo"
+  epsilon_low: float = 0.2
+  epsilon_high: float = 0.2
+  beta: float = 0.04
+  kl_estimator: str = "k3"
+  max_completion_length: int = 512  # dr_grpo's constant normaliser
+
+
+LossFn = Callable[..., tuple]
+LOSSES: Dict[str, LossFn] = {}
+
+
+def register(name: str):
+  def wrap(fn):
+    LOSSES[name] = fn
+    return fn
+  return wrap
+
+
+def get(name: str) -> LossFn:
+  if name not in LOSSES:
+    raise ValueError(f"Unknown loss {name!r}; registered: {sorted(LOSSES)}.")
+  return LOSSES[name]
+
+
+def _per_token_terms(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig,
+                     sequence_ratio: bool):
+  """Per-token loss [B, T] and diagnostics."""
+  mask = mask.astype(jnp.float32)
+  log_ratio = logp - old_logp
+  if sequence_ratio:
+    log_ratio = (log_ratio * mask).sum(-1, keepdims=True) / jnp.maximum(
+        mask.sum(-1, keepdims=True), 1.0)
+    log_ratio = jnp.broadcast_to(log_ratio, logp.shape)
+  ratio = jnp.exp(log_ratio)
+  clipped = jnp.clip(ratio, 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)
+  adv = advantages[:, None]
+  per_token = -jnp.minimum(ratio * adv, clipped * adv)
+  kl = jnp.zeros_like(logp)
+  if cfg.beta != 0.0:
+    if ref_logp is None:
+      raise ValueError("beta != 0 needs the reference log-probs `ref_logp`.")
+    if cfg.kl_estimator not in KL_ESTIMATORS:
+      raise ValueError(
+          f"Unknown kl_estimator {cfg.kl_estimator!r}; expected one of {sorted(KL_ESTIMATORS)}.")
+    kl = KL_ESTIMATORS[cfg.kl_estimator](ref_logp - logp)
+    per_token = per_token + cfg.beta * kl
+  # A token is "clipped" when the clipped branch is the active one and carries no gradient.
+  is_clipped = ((ratio < 1.0 - cfg.epsilon_low) & (adv < 0)) | (
+      (ratio > 1.0 + cfg.epsilon_high) & (adv > 0))
+  tokens = jnp.maximum(mask.sum(), 1.0)
+  metrics = {
+      "kl": (kl * mask).sum() / tokens,
+      "clip_fraction": (is_clipped * mask).sum() / tokens,
+      "ratio_mean": (ratio * mask).sum() / tokens,
+  }
+  return per_token, mask, metrics
+
+
+def _sequence_token_mean(per_token, mask):
+  return ((per_token * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)).mean()
+
+
+@register("grpo")
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig):
+  per_token, mask, metrics = _per_token_terms(logp, old_logp, ref_logp, advantages, mask, cfg,
+                                              sequence_ratio=False)
+  return _sequence_token_mean(per_token, mask), metrics
+
+
+@register("gspo")
+def gspo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig):
+  per_token, mask, metrics = _per_token_terms(logp, old_logp, ref_logp, advantages, mask, cfg,
+                                              sequence_ratio=True)
+  return _sequence_token_mean(per_token, mask), metrics
+
+
+@register("dr_grpo")
+def dr_grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig):
+  per_token, mask, metrics = _per_token_terms(logp, old_logp, ref_logp, advantages, mask, cfg,
+                                              sequence_ratio=False)
+  return (per_token * mask).sum() / (per_token.shape[0] * cfg.max_completion_length), metrics
+
+
+@register("dapo")
+def dapo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig):
+  per_token, mask, metrics = _per_token_terms(logp, old_logp, ref_logp, advantages, mask, cfg,
+                                              sequence_ratio=False)
+  return (per_token * mask).sum() / jnp.maximum(mask.sum(), 1.0), metrics
+
+
+def token_log_probs(logits: jnp.ndarray, tokens: jnp.ndarray,
+                    temperature: Optional[float] = None) -> jnp.ndarray:
+  """log p(token) under logits [B, T, V] for tokens [B, T], computed in float32."""
+  logits = logits.astype(jnp.float32)
+  if temperature is not None and temperature != 1.0:
+    logits = logits / temperature
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, tokens[..., None], axis=-1)[..., 0]
+  return picked - logz
+
+
+def entropy(logits: jnp.ndarray) -> jnp.ndarray:
+  """Per-position entropy [B, T] of softmax(logits) in float32."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  return -(jnp.exp(logp) * logp).sum(-1)
