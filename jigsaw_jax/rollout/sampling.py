@@ -1,0 +1,65 @@
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p, per-row keys.
+
+The filters follow transformers' `generate` (temperature, then top-k, then top-p, always keeping at
+least one token), so that our sampling distribution is the one the paper's runs used
+(T=1, top-k 50, top-p 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+_NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  greedy: bool = False
+  temperature: float = 1.0
+  top_k: int = 50  # 0 disables
+  top_p: float = 1.0  # 1.0 disables
+
+
+def filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  """float32 [B, V] logits with the tokens outside the top-k / top-p support set to -inf."""
+  logits = logits.astype(jnp.float32) / cfg.temperature
+  vocab = logits.shape[-1]
+  if 0 < cfg.top_k < vocab:
+    kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, _NEG_INF, logits)
+  if cfg.top_p < 1.0:
+    # Remove the tokens whose cumulative probability, in ascending order, stays <= 1 - top_p.
+    order = jnp.argsort(logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+    remove_sorted = cumulative <= 1.0 - cfg.top_p
+    remove_sorted = remove_sorted.at[:, -1].set(False)  # keep at least the most likely token
+    remove = jnp.zeros_like(remove_sorted).at[
+        jnp.arange(logits.shape[0])[:, None], order].set(remove_sorted)
+    logits = jnp.where(remove, _NEG_INF, logits)
+  return logits
+
+
+def sample_tokens(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig):
+  """Picks one token per row.
+
+  Args:
+    logits: [B, V] raw next-token logits.
+    keys: [B] per-row PRNG keys (so a row's sample does not depend on the batch it sits in).
+
+  Returns:
+    (tokens int32 [B], logprobs float32 [B]) where logprobs is log softmax(logits / T) at the
+    chosen token, the untruncated policy log-probability that the GRPO ratio uses.
+  """
+  logits = logits.astype(jnp.float32)
+  if cfg.greedy:
+    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    full = jax.nn.log_softmax(logits, axis=-1)
+  else:
+    filtered = filter_logits(logits, cfg)
+    tokens = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    full = jax.nn.log_softmax(logits / cfg.temperature, axis=-1)
+  return tokens, jnp.take_along_axis(full, tokens[:, None], axis=-1)[:, 0]
