@@ -1,0 +1,185 @@
+"""The default image source: random crops of the colour photos that ship inside installed packages.
+
+Twelve real photos are available with no download: eight from scikit-image (astronaut, chelsea,
+coffee, rocket, the left and right stereo motorcycle views, hubble_deep_field, retina,
+immunohistochemistry), china and flower from scikit-learn, and matplotlib's grace_hopper. Every
+index draws its own crop (photo, scale, position, horizontal flip), so the supply of distinct images
+is unlimited while the pixels stay real photographs.
+
+Train/test split: each photo is cut along its longer side into two disjoint regions. The first
+`1 - test_fraction` of the side (left part of a landscape photo, top part of a portrait one) is the
+train region and the rest is the test region. A crop is taken wholly inside its split's region
+before any resizing, so no train image shares a single source pixel with a test image.
+`crop_box(index)` exposes the region and box of every index so a test can check this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+from jigsaw_jax.data import images
+
+# The number of distinct indices; large enough to be unlimited in practice and a valid int64.
+UNLIMITED = 2**31
+
+
+def _skimage(name: str, item: Optional[int] = None) -> Callable[[], np.ndarray]:
+  def load() -> np.ndarray:
+    from skimage import data  # pylint: disable=g-import-not-at-top  (slow import, used lazily)
+    image = getattr(data, name)()
+    return image[item] if item is not None else image
+  return load
+
+
+def _sklearn(filename: str) -> Callable[[], np.ndarray]:
+  def load() -> np.ndarray:
+    from sklearn.datasets import load_sample_image  # pylint: disable=g-import-not-at-top
+    return load_sample_image(filename)
+  return load
+
+
+def _matplotlib(filename: str) -> Callable[[], np.ndarray]:
+  def load() -> np.ndarray:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    return images.decode_image(os.path.join(matplotlib.get_data_path(), "sample_data", filename))
+  return load
+
+
+PHOTO_LOADERS: Dict[str, Callable[[], np.ndarray]] = {
+    "astronaut": _skimage("astronaut"),
+    "chelsea": _skimage("chelsea"),
+    "coffee": _skimage("coffee"),
+    "rocket": _skimage("rocket"),
+    "motorcycle_left": _skimage("stereo_motorcycle", 0),
+    "motorcycle_right": _skimage("stereo_motorcycle", 1),
+    "hubble_deep_field": _skimage("hubble_deep_field"),
+    "retina": _skimage("retina"),
+    "immunohistochemistry": _skimage("immunohistochemistry"),
+    "china": _sklearn("china.jpg"),
+    "flower": _sklearn("flower.jpg"),
+    "grace_hopper": _matplotlib("grace_hopper.jpg"),
+}
+PHOTO_NAMES: Tuple[str, ...] = tuple(PHOTO_LOADERS)
+
+
+@functools.lru_cache(maxsize=None)
+def load_photo(name: str) -> np.ndarray:
+  """One bundled photo as uint8 [H, W, 3], loaded once per process (read-only)."""
+  if name not in PHOTO_LOADERS:
+    raise ValueError(
+        f"Unknown bundled photo {name!r}; config.data.source.photos may name any of {PHOTO_NAMES}.")
+  photo = images.to_rgb_uint8(PHOTO_LOADERS[name]())
+  photo.setflags(write=False)
+  return photo
+
+
+@dataclasses.dataclass(frozen=True)
+class Region:
+  """A rectangle of a photo, in pixels: rows [top, top+height), columns [left, left+width)."""
+
+  top: int
+  left: int
+  height: int
+  width: int
+
+  def overlaps(self, other: "Region") -> bool:
+    return (self.top < other.top + other.height and other.top < self.top + self.height and
+            self.left < other.left + other.width and other.left < self.left + self.width)
+
+  def contains(self, other: "Region") -> bool:
+    return (self.top <= other.top and other.top + other.height <= self.top + self.height and
+            self.left <= other.left and other.left + other.width <= self.left + self.width)
+
+
+@dataclasses.dataclass(frozen=True)
+class Crop:
+  """Where the image of one index comes from."""
+
+  photo: str
+  box: Region
+  flip: bool
+
+
+def split_region(photo_shape: Sequence[int], split: str, test_fraction: float) -> Region:
+  """The part of a photo that belongs to `split` (see the module docstring)."""
+  height, width = int(photo_shape[0]), int(photo_shape[1])
+  along_width = width >= height
+  side = width if along_width else height
+  cut = int(round(side * (1.0 - test_fraction)))
+  start, length = (0, cut) if split == "train" else (cut, side - cut)
+  if along_width:
+    return Region(top=0, left=start, height=height, width=length)
+  return Region(top=start, left=0, height=length, width=width)
+
+
+class BundledSource:
+  """Unlimited crops of the bundled photos; `source[i]` is uint8 [image_size..., 3].
+
+  Args:
+    split: "train" or "test"; the two never share a source pixel.
+    image_size: (height, width) of every output image; the crop has the same aspect ratio, so
+      nothing is stretched.
+    seed: with (split, index), the only input to the crop choice.
+    min_scale: the smallest crop side as a fraction of the largest crop that fits the region
+      (1.0: always the largest crop, so only position and flip vary).
+    test_fraction: share of each photo's longer side kept for the test split.
+    hflip: flip half of the crops left-right.
+    photos: names from `PHOTO_NAMES` to use (None: all).
+  """
+
+  def __init__(self, split: str = "train", image_size: Sequence[int] = (112, 112), seed: int = 0,
+               min_scale: float = 0.35, test_fraction: float = 0.2, hflip: bool = True,
+               photos: Optional[Sequence[str]] = None):
+    images.check_split(split, "bundled")
+    self.image_size = images.check_image_size(image_size, "bundled", required=True)
+    if not 0.0 < min_scale <= 1.0:
+      raise ValueError(f"config.data.source.min_scale must be in (0, 1]; got {min_scale}.")
+    if not 0.0 < test_fraction < 1.0:
+      raise ValueError(f"config.data.source.test_fraction must be in (0, 1); got {test_fraction}.")
+    self.photos = tuple(photos) if photos else PHOTO_NAMES
+    unknown = sorted(set(self.photos) - set(PHOTO_NAMES))
+    if unknown:
+      raise ValueError(f"Unknown bundled photos {unknown}; choose from {PHOTO_NAMES}.")
+    self.split, self.seed = split, int(seed)
+    self.min_scale, self.test_fraction, self.hflip = float(min_scale), float(test_fraction), hflip
+
+  def __len__(self) -> int:
+    return UNLIMITED
+
+  def __repr__(self) -> str:
+    return (f"BundledSource(split={self.split!r}, image_size={self.image_size}, seed={self.seed}, "
+            f"{len(self.photos)} photos)")
+
+  def region(self, photo: str) -> Region:
+    return split_region(load_photo(photo).shape, self.split, self.test_fraction)
+
+  def crop_box(self, index: int) -> Crop:
+    """The crop of `index`: a pure function of (seed, split, index)."""
+    if not 0 <= index < UNLIMITED:
+      raise IndexError(f"BundledSource index {index} is outside [0, {UNLIMITED}).")
+    rng = images.index_rng(self.seed, f"bundled/{self.split}", index)
+    photo = self.photos[int(rng.integers(len(self.photos)))]
+    region = self.region(photo)
+    out_h, out_w = self.image_size
+    # The largest crop with the output's aspect ratio that fits, then a random fraction of it.
+    fit = min(region.height / out_h, region.width / out_w)
+    scale = fit * rng.uniform(self.min_scale, 1.0)
+    crop_h = int(np.clip(round(out_h * scale), 1, region.height))
+    crop_w = int(np.clip(round(out_w * scale), 1, region.width))
+    top = region.top + int(rng.integers(region.height - crop_h + 1))
+    left = region.left + int(rng.integers(region.width - crop_w + 1))
+    flip = bool(self.hflip and rng.random() < 0.5)
+    return Crop(photo, Region(top, left, crop_h, crop_w), flip)
+
+  def __getitem__(self, index: int) -> np.ndarray:
+    crop = self.crop_box(int(index))
+    box = crop.box
+    pixels = load_photo(crop.photo)[box.top:box.top + box.height, box.left:box.left + box.width]
+    if crop.flip:
+      pixels = pixels[:, ::-1]
+    return images.resize(np.array(pixels), self.image_size)  # a copy: the photo is shared

@@ -1,0 +1,138 @@
+"""The data section of an experiment config: where images come from and how batches are made.
+
+Experiment configs (configs/*.py) start from `default_config()` and override fields, e.g.
+
+  config.data = data.default_config()
+  config.data.source.kind = "folder"
+  config.data.source.path = "/data/coco/train2014"
+  config.data.source.file_list = "/data/coco/train2014.json"
+
+or on the command line: `--config.data.source.kind=procedural --config.data.pipeline.group_size=4`.
+
+`config.data.source` (see `make_image_source`):
+  kind:           "bundled" (default) | "procedural" | "folder" | "tfds".
+  split:          "train" | "test" for bundled and procedural (disjoint; see bundled.py); any tfds
+                  split for tfds ("train", "validation", "train[:10%]"); unused by folder (point
+                  `path` or `file_list` at the evaluation images instead).
+  seed:           bundled and procedural: with (split, index) the only input to an image.
+  image_size:     (height, width) of every image. Required by bundled and procedural; for folder
+                  and tfds None keeps native sizes (the reference feeds COCO at native size).
+  bundled only:
+    min_scale:      smallest crop side as a fraction of the largest crop that fits (0, 1].
+    test_fraction:  share of each photo's longer side reserved for the test split.
+    hflip:          flip half of the crops left-right.
+    photos:         names of the photos to use (None: all twelve; see bundled.PHOTO_NAMES).
+  folder only:
+    path:           the folder, searched recursively for extensions.
+    file_list:      optional JSON list of paths (relative to path, or absolute), like the
+                    reference's train2014.json; restricts and orders the images.
+    validate:       "full" (decode every file at start, ~1 ms/image/thread) | "header" | "none".
+    extensions:     file name endings picked up by the search.
+  tfds only:
+    name:           e.g. "coco/2017"; prepared with --file_format=array_record.
+    data_dir:       where prepared datasets live (None: tfds' default).
+    image_key:      the feature holding the image.
+
+`config.data.pipeline` (see `make_dataset`):
+  seed:              the puzzle of prompt p is a pure function of (seed, p, stage).
+  prompts_per_batch: distinct puzzles in one batch of this process; a batch has
+                     prompts_per_batch * group_size rows. The global batch is this times the
+                     number of processes (shard_count).
+  group_size:        G, the adjacent identical copies of each puzzle (GRPO group).
+  num_prompts:       None for an endless stream (training); a count for a finite set (evaluation).
+  shuffle:           for finite sources, visit images in a new order every epoch (else in order).
+  drop_remainder:    drop a final partial batch (only matters with num_prompts).
+  resize_to:         None: `batch["image"]` is a list (puzzles differ in size after cropping to the
+                     grid); (height, width): every puzzle image is resized to it and stacked.
+  read_threads:      in-process threads that build batches ahead of the consumer (0: build
+                     each batch when asked for it).
+  prefetch_buffer_size: batches built ahead.
+  worker_count:      > 0 builds batches in that many processes instead (grain mp_prefetch); the
+                     batches and their order do not change.
+  puzzle:            the PuzzleSpec fields of the first stage (m, n, question_type, think,
+                     shuffle_mn, mask_ratio, instruct_model).
+  curriculum:        later stages: a list of dicts, each with `start_step` (optimizer steps of the
+                     global batch) or `start_prompt` (global prompt index), plus the PuzzleSpec
+                     fields that change from the stage before, e.g.
+                     [{"start_step": 1000, "m": 4}] is the paper's 3x1 -> 4x1 curriculum when
+                     puzzle.m = 3.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def source_config() -> ml_collections.ConfigDict:
+  """Defaults for `config.data.source` (every field is documented in the module docstring)."""
+  return ml_collections.ConfigDict({
+      "kind": "bundled",
+      "split": "train",
+      "seed": 0,
+      "image_size": ml_collections.FieldReference((112, 112), field_type=tuple),
+      # bundled
+      "min_scale": 0.35,
+      "test_fraction": 0.2,
+      "hflip": True,
+      "photos": ml_collections.FieldReference(None, field_type=tuple),
+      # folder
+      "path": "",
+      "file_list": "",
+      "validate": "full",
+      "extensions": (".jpg", ".jpeg", ".png"),
+      # tfds
+      "name": "",
+      "data_dir": "",
+      "image_key": "image",
+  })
+
+
+def puzzle_config() -> ml_collections.ConfigDict:
+  """Defaults for `config.data.pipeline.puzzle`: the fields of `PuzzleSpec`."""
+  return ml_collections.ConfigDict({
+      "m": 2,
+      "n": 1,
+      "question_type": "full",
+      "think": False,
+      "shuffle_mn": True,
+      "mask_ratio": 0.0,
+      "instruct_model": True,
+  })
+
+
+def pipeline_config() -> ml_collections.ConfigDict:
+  """Defaults for `config.data.pipeline` (every field is documented in the module docstring)."""
+  return ml_collections.ConfigDict({
+      "seed": 0,
+      "prompts_per_batch": 4,
+      "group_size": 8,
+      "num_prompts": ml_collections.FieldReference(None, field_type=int),
+      "shuffle": True,
+      "drop_remainder": True,
+      "resize_to": ml_collections.FieldReference(None, field_type=tuple),
+      "read_threads": 1,
+      "prefetch_buffer_size": 2,
+      "worker_count": 0,
+      "puzzle": puzzle_config(),
+      "curriculum": [],
+  })
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """`config.data`: the bundled photos, 2x1 full puzzles, 4 prompts x G=8 per batch."""
+  return ml_collections.ConfigDict({"source": source_config(), "pipeline": pipeline_config()})
+
+
+def merged_fields(config, defaults: ml_collections.ConfigDict, where: str) -> dict:
+  """`config` (ConfigDict or mapping) over `defaults` as a plain dict.
+
+  A key that the defaults lack is an error that lists the valid keys, so a misspelt knob never
+  passes silently.
+  """
+  given = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  fields = defaults.to_dict()
+  unknown = sorted(set(given) - set(fields))
+  if unknown:
+    raise ValueError(f"Unknown {where} fields {unknown}; the valid fields are {sorted(fields)}.")
+  fields.update(given)
+  return fields

@@ -1,0 +1,144 @@
+"""The bundled and procedural sources: determinism, the train/test split, and the config factory."""
+
+import random
+
+import ml_collections
+import numpy as np
+import pytest
+
+from jigsaw_jax import data
+from jigsaw_jax.data import bundled
+
+
+def _global_rng_states():
+  return random.getstate(), np.random.get_state()[1].copy()
+
+
+def _assert_same_global_rng(before):
+  after = _global_rng_states()
+  assert before[0] == after[0]
+  np.testing.assert_array_equal(before[1], after[1])
+
+
+@pytest.mark.parametrize("source_class", [data.BundledSource, data.ProceduralSource])
+def test_same_seed_split_index_give_the_same_image(source_class):
+  before = _global_rng_states()
+  first, second = source_class("train", (40, 24), seed=3), source_class("train", (40, 24), seed=3)
+  for index in [0, 1, 17, 2**31 - 1]:
+    image = first[index]
+    assert image.shape == (40, 24, 3) and image.dtype == np.uint8
+    np.testing.assert_array_equal(image, second[index])
+    np.testing.assert_array_equal(image, first[index])  # no hidden state between calls
+  _assert_same_global_rng(before)
+
+
+@pytest.mark.parametrize("source_class", [data.BundledSource, data.ProceduralSource])
+def test_indices_seeds_and_splits_give_different_images(source_class):
+  train = source_class("train", (32, 32), seed=0)
+  images = [train[i] for i in range(8)]
+  images.append(source_class("train", (32, 32), seed=1)[0])
+  images.append(source_class("test", (32, 32), seed=0)[0])
+  distinct = {image.tobytes() for image in images}
+  assert len(distinct) == len(images)
+
+
+@pytest.mark.parametrize("source_class", [data.BundledSource, data.ProceduralSource])
+def test_unlimited_sources_reject_out_of_range_indices(source_class):
+  source = source_class("train", (16, 16))
+  assert len(source) == bundled.UNLIMITED
+  with pytest.raises(IndexError):
+    source[len(source)]
+  with pytest.raises(IndexError):
+    source[-1]
+
+
+def test_every_bundled_photo_loads_offline_in_colour():
+  for name in bundled.PHOTO_NAMES:
+    photo = bundled.load_photo(name)
+    assert photo.ndim == 3 and photo.shape[-1] == 3 and photo.dtype == np.uint8, name
+    assert photo.shape[0] >= 256 and photo.shape[1] >= 256, name
+    assert photo.std() > 10, f"{name} looks flat"
+  assert len(bundled.PHOTO_NAMES) == 12
+
+
+def test_bundled_train_and_test_regions_are_disjoint_and_cover_each_photo():
+  train, test = data.BundledSource("train", (8, 8)), data.BundledSource("test", (8, 8))
+  for name in bundled.PHOTO_NAMES:
+    height, width = bundled.load_photo(name).shape[:2]
+    train_region, test_region = train.region(name), test.region(name)
+    assert not train_region.overlaps(test_region), name
+    assert (train_region.height * train_region.width + test_region.height * test_region.width
+            == height * width), name
+
+
+@pytest.mark.parametrize("image_size", [(56, 28), (112, 112), (24, 64)])
+def test_bundled_train_and_test_crops_never_share_a_source_pixel(image_size):
+  train = data.BundledSource("train", image_size, min_scale=0.1)
+  test = data.BundledSource("test", image_size, min_scale=0.1)
+  train_boxes, test_boxes = {}, {}
+  for index in range(300):
+    for source, boxes in ((train, train_boxes), (test, test_boxes)):
+      crop = source.crop_box(index)
+      assert source.region(crop.photo).contains(crop.box), (source.split, index, crop)
+      boxes.setdefault(crop.photo, []).append(crop.box)
+  assert len(train_boxes) == len(test_boxes) == len(bundled.PHOTO_NAMES)  # every photo is used
+  for photo, boxes in train_boxes.items():
+    for box in boxes:
+      assert not any(box.overlaps(other) for other in test_boxes[photo]), photo
+
+
+def test_bundled_output_is_the_resized_crop():
+  source = data.BundledSource("train", (30, 20), hflip=True)
+  for index in range(20):
+    crop = source.crop_box(index)
+    box = crop.box
+    assert abs(box.width / box.height - 20 / 30) < 0.1  # aspect kept, nothing stretched
+    pixels = bundled.load_photo(crop.photo)[box.top:box.top + box.height,
+                                            box.left:box.left + box.width]
+    if crop.flip:
+      pixels = pixels[:, ::-1]
+    expected = data.images.resize(np.array(pixels), (30, 20))
+    np.testing.assert_array_equal(source[index], expected)
+
+
+def test_bundled_photo_subset_and_unknown_photo():
+  source = data.BundledSource("train", (16, 16), photos=("chelsea", "coffee"))
+  assert {source.crop_box(i).photo for i in range(50)} == {"chelsea", "coffee"}
+  with pytest.raises(ValueError, match="Unknown bundled photos"):
+    data.BundledSource("train", (16, 16), photos=("lena",))
+
+
+def test_bad_split_names_the_valid_ones():
+  with pytest.raises(ValueError, match=r"\('train', 'test'\)"):
+    data.ProceduralSource("validation", (16, 16))
+
+
+def test_procedural_images_are_not_flat():
+  source = data.ProceduralSource("train", (48, 48))
+  for index in range(20):
+    image = source[index].astype(np.float32)
+    # A solvable puzzle needs content in every half, not a flat field.
+    assert image[:24].std() > 1 and image[24:].std() > 1
+
+
+def test_make_image_source_follows_the_config():
+  config = data.source_config()
+  config.image_size = (24, 16)
+  source = data.make_image_source(config)
+  assert isinstance(source, data.BundledSource) and source[5].shape == (24, 16, 3)
+  config.kind = "procedural"
+  config.split = "test"
+  source = data.make_image_source(config)
+  assert isinstance(source, data.ProceduralSource) and source.split == "test"
+  np.testing.assert_array_equal(source[2], data.ProceduralSource("test", (24, 16))[2])
+  # Plain dicts work too and take the defaults for missing fields.
+  assert isinstance(data.make_image_source({"kind": "procedural"}), data.ProceduralSource)
+
+
+def test_make_image_source_errors_list_what_is_valid():
+  with pytest.raises(ValueError, match="valid fields are .*image_size"):
+    data.make_image_source({"kind": "bundled", "imagesize": (8, 8)})
+  with pytest.raises(ValueError, match="must be one of .*bundled.*procedural.*folder.*tfds"):
+    data.make_image_source(ml_collections.ConfigDict({"kind": "coco"}))
+  with pytest.raises(ValueError, match="needs config.data.source.image_size"):
+    data.make_image_source({"kind": "procedural", "image_size": None})
