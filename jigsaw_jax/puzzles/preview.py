@@ -70,7 +70,7 @@ def render_gallery(images: Sequence[np.ndarray], sizes: Sequence[str],
       ax.set_yticks([])
     right.axis("off")
   fig.suptitle("Puzzle slots are numbered (yellow) on this preview only", fontsize=9)
-  fig.tight_layout()
+  fig.tight_layout(rect=(0, 0, 1, 0.99))
   os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
   fig.savefig(output, dpi=90)
   plt.close(fig)
@@ -79,8 +79,10 @@ def render_gallery(images: Sequence[np.ndarray], sizes: Sequence[str],
 
 def _load_images(source_kind: str, count: int, image_size: int, seed: int) -> list[np.ndarray]:
   from jigsaw_jax import data
-  source = data.make_image_source(data.default_source_config(
-      kind=source_kind, image_size=image_size), split="test", seed=seed)
+  config = data.source_config()
+  config.kind, config.split, config.seed = source_kind, "test", seed
+  config.image_size = (image_size, image_size)
+  source = data.make_image_source(config)
   return [source[i] for i in range(count)]
 
 

@@ -23,12 +23,35 @@ class SamplingConfig:
   top_p: float = 1.0  # 1.0 disables
 
 
+def kth_largest(x: jax.Array, k: int) -> jax.Array:
+  """The exact k-th largest value of each row of float32 x [B, V], as [B, 1].
+
+  `lax.top_k` sorts and is slow on CPU in a decode loop; this bisects over the 2^32 float bit
+  patterns instead (32 passes of compare-and-count), which is exact, including ties.
+  """
+  bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  # A monotone map from float order to unsigned int order (negative floats flip their magnitude).
+  keys = jax.lax.bitcast_convert_type(bits ^ ((bits >> 31) & 0x7FFFFFFF), jnp.uint32) ^ jnp.uint32(
+      0x80000000)
+  lo, hi = keys.min(-1, keepdims=True), keys.max(-1, keepdims=True)
+
+  def body(_, bounds):  # Invariant: at least k keys >= lo; the answer lies in [lo, hi].
+    lo, hi = bounds
+    gap = hi - lo
+    mid = lo + gap // 2 + (gap & 1)  # ceil, without overflowing uint32
+    enough = jnp.sum(keys >= mid, axis=-1, keepdims=True) >= k
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+
+  lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+  return jnp.max(jnp.where(keys == lo, x, -jnp.inf), axis=-1, keepdims=True)
+
+
 def filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """float32 [B, V] logits with the tokens outside the top-k / top-p support set to -inf."""
   logits = logits.astype(jnp.float32) / cfg.temperature
   vocab = logits.shape[-1]
   if 0 < cfg.top_k < vocab:
-    kth = jax.lax.top_k(logits, cfg.top_k)[0][:, -1:]
+    kth = kth_largest(logits, cfg.top_k)
     logits = jnp.where(logits < kth, _NEG_INF, logits)
   if cfg.top_p < 1.0:
     # Remove the tokens whose cumulative probability, in ascending order, stays <= 1 - top_p.

@@ -161,3 +161,16 @@ def test_sampling_frequencies_match_the_softmax(cfg, support):
   np.testing.assert_allclose(counts, target, atol=5 * np.sqrt(0.25 / n))
   full = np.log(tempered / tempered.sum())
   np.testing.assert_allclose(np.asarray(logprobs), full[np.asarray(tokens)], rtol=1e-5)
+
+
+def test_kth_largest_equals_top_k_including_ties_and_negatives():
+  from jigsaw_jax.rollout.sampling import kth_largest
+  rng = np.random.default_rng(0)
+  x = rng.normal(0, 3, (64, 300)).astype(np.float32)
+  x[:8, :40] = 1.5  # ties around the threshold
+  x[8:16] = -np.abs(x[8:16])  # all negative
+  x[16, :] = 0.0
+  x[17, :5] = -0.0
+  for k in (1, 7, 50, 299, 300):
+    np.testing.assert_array_equal(np.asarray(kth_largest(jnp.asarray(x), k))[:, 0],
+                                  np.sort(x, axis=-1)[:, -k])
