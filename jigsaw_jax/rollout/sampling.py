@@ -8,6 +8,7 @@ least one token), so that our sampling distribution is the one the paper's runs 
 from __future__ import annotations
 
 import dataclasses
+from typing import Tuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,9 @@ class SamplingConfig:
   temperature: float = 1.0
   top_k: int = 50  # 0 disables
   top_p: float = 1.0  # 1.0 disables
+  # Tokens never sampled: the vision placeholders (<|image_pad|> ...), which only the processor
+  # may place; a generated one would be taken for an image by the next forward pass.
+  suppress_ids: Tuple[int, ...] = ()
 
 
 def kth_largest(x: jax.Array, k: int) -> jax.Array:
@@ -46,9 +50,15 @@ def kth_largest(x: jax.Array, k: int) -> jax.Array:
   return jnp.max(jnp.where(keys == lo, x, -jnp.inf), axis=-1, keepdims=True)
 
 
+def suppress(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
+  if not cfg.suppress_ids:
+    return logits
+  return logits.at[:, jnp.asarray(cfg.suppress_ids)].set(_NEG_INF)
+
+
 def filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
   """float32 [B, V] logits with the tokens outside the top-k / top-p support set to -inf."""
-  logits = logits.astype(jnp.float32) / cfg.temperature
+  logits = suppress(logits.astype(jnp.float32), cfg) / cfg.temperature
   vocab = logits.shape[-1]
   if 0 < cfg.top_k < vocab:
     kth = kth_largest(logits, cfg.top_k)
@@ -79,7 +89,7 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig):
   """
   logits = logits.astype(jnp.float32)
   if cfg.greedy:
-    tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens = jnp.argmax(suppress(logits, cfg), axis=-1).astype(jnp.int32)
     full = jax.nn.log_softmax(logits, axis=-1)
   else:
     filtered = filter_logits(logits, cfg)

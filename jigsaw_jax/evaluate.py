@@ -1,0 +1,187 @@
+"""Evaluation on fixed puzzle test sets: greedy decoding, the paper's metrics, tables and plots.
+
+For every (size, question type, thinking) in `config.eval`, the test set is the first
+`eval.num_puzzles` puzzles of the test split generated with `eval.seed` (the same every time, like
+the reference's jigsaw_seed=0 sets). A record per set and step goes to `<workdir>/eval.json`:
+
+    {"size": "2x1", "question_type": "full", "think": false, "step": 0, "accuracy": ...,
+     "score": ..., "format_rate": ..., "mean_length": ..., "mean_tokens": ..., "n": ...}
+
+accuracy is the exact-match rate the paper reports, score the mean accuracy reward (fractional
+for full puzzles), mean_length the mean completion length in characters (the reference's
+`length`). `eval.md` is the same as a table, `eval.png` a chart, and `gallery_step<k>.png` shows
+solved and failed puzzles.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import jax
+import numpy as np
+
+from jigsaw_jax import data as data_lib
+from jigsaw_jax.models.processing import Processor, collate
+from jigsaw_jax.rl import rollout_rewards
+from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
+from jigsaw_jax.rollout.sampling import SamplingConfig
+
+
+def _size(text: str) -> tuple[int, int]:
+  try:
+    m, n = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise ValueError(f"A puzzle size looks like '2x1' (rows x columns); got {text!r}.") from None
+  return m, n
+
+
+def eval_sets(eval_cfg) -> List[Dict[str, Any]]:
+  return [dict(size=size, question_type=q, think=bool(t))
+          for size in eval_cfg.sizes for q in eval_cfg.question_types for t in eval_cfg.thinks]
+
+
+def test_puzzles(data_cfg, eval_cfg, size: str, question_type: str, think: bool):
+  """The fixed test set of one configuration: a list of Puzzle, plus their images."""
+  m, n = _size(size)
+  cfg = copy.deepcopy(data_cfg)
+  with cfg.unlocked():
+    cfg.source.split = "test"
+    cfg.source.seed = int(eval_cfg.seed)
+    p = cfg.pipeline
+    p.seed, p.group_size, p.num_prompts = int(eval_cfg.seed), 1, int(eval_cfg.num_puzzles)
+    p.prompts_per_batch, p.shuffle, p.drop_remainder = int(eval_cfg.num_puzzles), False, False
+    p.curriculum = []
+    p.read_threads, p.worker_count = 0, 0
+    p.puzzle.m, p.puzzle.n, p.puzzle.question_type, p.puzzle.think = m, n, question_type, think
+  return next(iter(data_lib.make_dataset(cfg)))["puzzle"]
+
+
+class Evaluator:
+  """Greedy evaluation of a policy on the configured test sets (built once, reused every call)."""
+
+  def __init__(self, model_cfg, processor: Processor, data_cfg, eval_cfg, eos_ids: Sequence[int]):
+    self.processor = processor
+    self.eval_cfg = eval_cfg
+    self.sets = []
+    for spec in eval_sets(eval_cfg):
+      puzzles = test_puzzles(data_cfg, eval_cfg, **spec)
+      encoded = [processor.encode_prompt(p.prompt, p.image) for p in puzzles]
+      self.sets.append((spec, puzzles, encoded))
+    self.sampler = Sampler(model_cfg, RolloutConfig(
+        max_new_tokens=int(eval_cfg.max_new_tokens), group_size=1,
+        sampling=SamplingConfig(greedy=True, suppress_ids=(
+            model_cfg.image_token_id, model_cfg.video_token_id, model_cfg.vision_start_token_id,
+            model_cfg.vision_end_token_id)), eos_ids=tuple(eos_ids),
+        pad_id=processor.pad_token_id))
+
+  def __call__(self, params, step: int) -> tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """(records, samples): one record per test set, and every scored completion."""
+    records, samples = [], []
+    batch_size = int(self.eval_cfg.batch_size)
+    for spec, puzzles, encoded in self.sets:
+      texts = []
+      for start in range(0, len(puzzles), batch_size):
+        chunk = encoded[start:start + batch_size]
+        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed shape: pad the last batch
+        batch = collate(chunk, self.processor.pad_token_id,
+                                        int(self.eval_cfg.prompt_bucket))
+        out = self.sampler.generate(params, batch, jax.random.key(0))
+        texts += rollout_rewards.decode_completions(self.processor, out.tokens, out.mask)
+      texts = texts[:len(puzzles)]
+      scores = rollout_rewards.score_texts(puzzles, texts, 1)
+      tokens = [len(self.processor.tokenizer(t, add_special_tokens=False)["input_ids"])
+                for t in texts]
+      records.append(dict(
+          spec, step=int(step), accuracy=float(scores["correct"].mean()),
+          score=float(scores["accuracy"].mean()), format_rate=float(scores["format"].mean()),
+          mean_length=float(np.mean([len(t) for t in texts])), mean_tokens=float(np.mean(tokens)),
+          n=len(puzzles)))
+      for i, (puzzle, text) in enumerate(zip(puzzles, texts)):
+        samples.append(dict(spec, step=int(step), puzzle=puzzle, completion=text,
+                            correct=float(scores["correct"][i, 0])))
+    return records, samples
+
+
+# -- reports ------------------------------------------------------------------------------------
+
+
+def append_records(workdir: str, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+  """Adds records to eval.json (replacing any of the same set and step) and rewrites the reports."""
+  path = os.path.join(workdir, "eval.json")
+  existing = json.load(open(path)) if os.path.exists(path) else []
+  key = lambda r: (r["size"], r["question_type"], r["think"], r["step"])
+  new_keys = {key(r) for r in records}
+  merged = [r for r in existing if key(r) not in new_keys] + list(records)
+  merged.sort(key=lambda r: (r["step"], r["question_type"], r["think"], r["size"]))
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(merged, f, indent=1)
+  write_markdown(os.path.join(workdir, "eval.md"), merged)
+  write_chart(os.path.join(workdir, "eval.png"), merged)
+  return merged
+
+
+def write_markdown(path: str, records: List[Dict[str, Any]]) -> None:
+  lines = ["| step | question | think | size | accuracy | score | format | mean length | n |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for r in records:
+    lines.append(f"| {r['step']} | {r['question_type']} | {r['think']} | {r['size']} | "
+                 f"{100 * r['accuracy']:.1f} | {r['score']:.3f} | {100 * r['format_rate']:.1f} | "
+                 f"{r['mean_length']:.1f} | {r['n']} |")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def write_chart(path: str, records: List[Dict[str, Any]]) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  groups = sorted({(r["question_type"], r["think"]) for r in records})
+  fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+  for ax, (question_type, think) in zip(axes[0], groups):
+    rows = [r for r in records if (r["question_type"], r["think"]) == (question_type, think)]
+    sizes = list(dict.fromkeys(r["size"] for r in rows))
+    steps = sorted({r["step"] for r in rows})
+    width = 0.8 / max(len(steps), 1)
+    for i, step in enumerate(steps):
+      values = [next((100 * r["accuracy"] for r in rows if r["size"] == s and r["step"] == step),
+                     0.0) for s in sizes]
+      ax.bar(np.arange(len(sizes)) + i * width, values, width, label=f"step {step}")
+    ax.set_xticks(np.arange(len(sizes)) + width * (len(steps) - 1) / 2, sizes)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("exact-match accuracy (%)")
+    ax.set_title(f"{question_type}, {'thinking' if think else 'non-thinking'}")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+
+
+def write_gallery(path: str, samples: List[Dict[str, Any]], per_kind: int = 4) -> Optional[str]:
+  """Solved and failed puzzles side by side with the model's answer."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  solved = [s for s in samples if s["correct"] == 1.0][:per_kind]
+  failed = [s for s in samples if s["correct"] != 1.0][:per_kind]
+  chosen = solved + failed
+  if not chosen:
+    return None
+  fig, axes = plt.subplots(1, len(chosen), figsize=(2.6 * len(chosen), 3.2), squeeze=False)
+  for ax, s in zip(axes[0], chosen):
+    puzzle = s["puzzle"]
+    ax.imshow(puzzle.image)
+    answer = " ".join(map(str, puzzle.solution)) if puzzle.question_type == "full" else (
+        puzzle.solution)
+    ax.set_title(f"{'solved' if s['correct'] == 1.0 else 'failed'} {puzzle.size} "
+                 f"{puzzle.question_type}\nmodel: {s['completion'][:24]!r}\ntruth: {answer}",
+                 fontsize=7)
+    ax.set_xticks([])
+    ax.set_yticks([])
+  fig.tight_layout()
+  fig.savefig(path, dpi=90)
+  plt.close(fig)
+  return path

@@ -1,0 +1,183 @@
+"""Training metrics: clu writers (TensorBoard event files), sample tables and step timing.
+
+Everything goes through one clu `MetricWriter`, so the same calls log to TensorBoard files in the
+workdir on process 0 and only to the text log on the other processes (one event file per run,
+not per host). Values may be JAX arrays; they are fetched here, once per write.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import time
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+from clu import metric_writers, periodic_actions
+
+
+def create_writer(workdir: str, *, just_logging: Optional[bool] = None,
+                  asynchronous: bool = True) -> metric_writers.MetricWriter:
+  """TensorBoard event files in `workdir` (plus the text log); only logging off process 0."""
+  if just_logging is None:
+    just_logging = jax.process_index() > 0
+  return metric_writers.create_default_writer(workdir, just_logging=just_logging,
+                                              asynchronous=asynchronous)
+
+
+def create_report_progress(writer: metric_writers.MetricWriter, num_train_steps: int, *,
+                           every_steps: Optional[int] = None,
+                           every_secs: Optional[float] = 60.0) -> periodic_actions.ReportProgress:
+  """clu's progress hook: logs steps/s, % done and ETA; writes `steps_per_sec` and `uptime`.
+
+  Call it as `report_progress(step)` after every step; it decides itself when to report.
+  """
+  return periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer,
+                                         every_steps=every_steps, every_secs=every_secs)
+
+
+def flatten_scalars(scalars: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+  """Nested dicts -> {"a/b": float}; None values (a metric this step did not compute) dropped."""
+  flat = {}
+  for key, value in scalars.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, Mapping):
+      flat.update(flatten_scalars(value, name + "/"))
+    elif value is not None:
+      array = np.asarray(jax.device_get(value))
+      if array.size != 1:
+        raise ValueError(f"Metric {name!r} has shape {array.shape}; scalars must have one "
+                         "element. Reduce it (mean/sum) before writing.")
+      flat[name] = float(array.reshape(()))
+  return flat
+
+
+def write_scalars(writer: metric_writers.MetricWriter, step: int,
+                  scalars: Mapping[str, Any]) -> dict[str, float]:
+  """Writes one step's scalars (nested dicts become `a/b` tags); returns what was written."""
+  flat = flatten_scalars(scalars)
+  if flat:
+    writer.write_scalars(step, flat)
+  return flat
+
+
+def _cell(value: Any, max_chars: int) -> str:
+  if isinstance(value, (float, np.floating)):
+    text = f"{float(value):.3f}"
+  else:
+    text = str(value)
+  if len(text) > max_chars:
+    text = text[:max_chars - 1] + "…"
+  # Markdown tables break on pipes and newlines inside cells.
+  return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def markdown_table(columns: Mapping[str, Sequence[Any]], *, max_rows: int = 8,
+                   max_chars: int = 400) -> str:
+  """A markdown table, one column per entry, rows truncated to `max_rows` and cells to
+  `max_chars` characters (completions can be 512 tokens; TensorBoard renders the markdown)."""
+  lengths = {len(values) for values in columns.values()}
+  if len(lengths) > 1:
+    raise ValueError(f"Table columns differ in length: "
+                     f"{ {k: len(v) for k, v in columns.items()} }.")
+  n = min(lengths.pop() if lengths else 0, max_rows)
+  names = ["#", *columns]
+  lines = ["| " + " | ".join(_cell(c, max_chars) for c in names) + " |",
+           "|" + "|".join(["---"] * len(names)) + "|"]
+  for i in range(n):
+    row = [str(i)] + [_cell(values[i], max_chars) for values in columns.values()]
+    lines.append("| " + " | ".join(row) + " |")
+  return "\n".join(lines)
+
+
+def samples_table(prompts: Sequence[str], completions: Sequence[str],
+                  rewards: Mapping[str, Sequence[float]], *, max_rows: int = 8,
+                  max_chars: int = 400) -> str:
+  """Prompts, completions and each reward component side by side (`rewards` maps the
+  component name, e.g. "accuracy", "format", "total", to one value per completion)."""
+  columns = {"prompt": list(prompts), "completion": list(completions)}
+  columns.update({f"reward/{name}": list(np.asarray(jax.device_get(values)).reshape(-1))
+                  for name, values in rewards.items()})
+  return markdown_table(columns, max_rows=max_rows, max_chars=max_chars)
+
+
+def write_samples(writer: metric_writers.MetricWriter, step: int, prompts: Sequence[str],
+                  completions: Sequence[str], rewards: Mapping[str, Sequence[float]], *,
+                  tag: str = "samples", max_rows: int = 8, max_chars: int = 400) -> str:
+  """Writes the samples table as a text summary under `tag`; returns the markdown."""
+  table = samples_table(prompts, completions, rewards, max_rows=max_rows, max_chars=max_chars)
+  writer.write_texts(step, {tag: table})
+  return table
+
+
+def write_config(writer: metric_writers.MetricWriter, config: Any, step: int = 0) -> None:
+  """The run's config as a text summary, so a TensorBoard curve carries its settings."""
+  text = str(config)  # ConfigDict's str is plain YAML (to_yaml adds python object tags)
+  writer.write_texts(step, {"config": "```\n" + text + "\n```"})
+
+
+class StepTimer:
+  """Splits each step's wall time into named phases and turns token counts into tokens/s.
+
+    timer = StepTimer(report_progress)
+    with timer.phase("rollout"):
+      completions = jax.block_until_ready(sampler(...))
+    with timer.phase("reward"):
+      rewards = score(...)
+    with timer.phase("update"):
+      state, metrics = jax.block_until_ready(update(state, batch))
+    timer.add_tokens(num_generated_tokens)
+    write_scalars(writer, step, {**metrics, **timer.finish_step()})
+
+  JAX dispatches asynchronously: block on a phase's outputs inside it, or its device time is
+  billed to whichever later phase waits first. With a `ReportProgress`, each phase is also one
+  of its timed parts, so the progress log shows the split too.
+  """
+
+  def __init__(self, report_progress: Optional[periodic_actions.ReportProgress] = None, *,
+               clock: Callable[[], float] = time.perf_counter):
+    self._report_progress = report_progress
+    self._clock = clock
+    self._reset()
+
+  def _reset(self) -> None:
+    self._phases: dict[str, float] = collections.defaultdict(float)
+    self._tokens = 0
+    self._start: Optional[float] = None
+
+  @contextlib.contextmanager
+  def phase(self, name: str) -> Iterator[None]:
+    """Times the block as phase `name` (repeated phases in one step add up)."""
+    outer = (self._report_progress.timed(name, wait_jax_async_dispatch=False)
+             if self._report_progress is not None else contextlib.nullcontext())
+    with outer:
+      start = self._clock()
+      if self._start is None:
+        self._start = start
+      try:
+        yield
+      finally:
+        self._phases[name] += self._clock() - start
+
+  def add_tokens(self, count: int) -> None:
+    """Counts tokens processed this step (generated, or prompt + generated: say which in the
+    metric's name if it matters)."""
+    self._tokens += int(count)
+
+  def finish_step(self) -> dict[str, float]:
+    """This step's `time/<phase>_s`, `time/other_s`, `time/step_s` and `perf/tokens_per_s`.
+
+    A step runs from the previous `finish_step` (the first one from its first phase) to this
+    call, so `time/other_s` is what no phase covered: input pipeline, logging, checkpointing.
+    """
+    end = self._clock()
+    total = end - self._start if self._start is not None else 0.0
+    out = {f"time/{name}_s": seconds for name, seconds in self._phases.items()}
+    out["time/other_s"] = max(total - sum(self._phases.values()), 0.0)
+    out["time/step_s"] = total
+    if total > 0:
+      out["perf/tokens_per_s"] = self._tokens / total
+    self._reset()
+    self._start = end
+    return out

@@ -1,0 +1,163 @@
+"""Building blocks of the text decoder: RMSNorm, SwiGLU MLP and grouped-query attention.
+
+Every parameter carries logical axis names so that a mesh rule table (data, not code) decides how it
+is sharded; activations get logical constraints that are no-ops until such rules are in context.
+Parameter names follow the transformers module names (q_proj, gate_proj, input_layernorm, ...) so
+the HF name map in `hf_io.py` reads one-to-one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jigsaw_jax.models import rope
+
+Array = jax.Array
+# One layer's slice of the KV cache: {'k': [B, S, K, D], 'v': [B, S, K, D]}.
+LayerCache = Dict[str, Array]
+
+_INIT_STD = 0.02  # The reference's initializer_range; only matters for random (test) weights.
+
+
+def as_dtype(name: Any) -> jnp.dtype:
+  """'float32' / 'bfloat16' (config strings) or a dtype -> a jnp dtype."""
+  return jnp.dtype(name)
+
+
+def constrain(x: Array, names: Tuple[str, ...]) -> Array:
+  return nn.with_logical_constraint(x, names)
+
+
+def partitioned(init, names: Tuple[str, ...]):
+  return nn.with_logical_partitioning(init, names)
+
+
+class RMSNorm(nn.Module):
+  """x / rms(x) * scale, normalised in float32 like the reference, then cast back to `dtype`."""
+
+  eps: float = 1e-6
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                       self.param_dtype)
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(self.dtype) * xf.astype(self.dtype)
+
+
+class MLP(nn.Module):
+  """SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
+
+  hidden_size: int
+  intermediate_size: int
+  activation: str = "silu"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    dense = lambda features, names, name: nn.DenseGeneral(
+        features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=partitioned(nn.initializers.normal(_INIT_STD), names), name=name)
+    act = {"silu": nn.silu, "gelu": nn.gelu}[self.activation]
+    gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
+    up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+    h = constrain(act(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
+    return dense(self.hidden_size, ("mlp", "embed"), "down_proj")(h)
+
+
+def attention_weights_xla(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+  """Grouped-query attention with an explicit softmax in float32.
+
+  q [B, T, H, D], k/v [B, S, K, D] with H a multiple of K, mask bool [B, T, S] -> [B, T, H, D].
+  Masked scores take the dtype's most negative finite value (not -inf), so a row with no visible
+  key (a left-padding query) averages uniformly instead of producing NaN that would leak through
+  0 * NaN into later layers.
+  """
+  b, t, h, d = q.shape
+  kv_heads = k.shape[2]
+  q = q.reshape(b, t, kv_heads, h // kv_heads, d)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  return out.reshape(b, t, h, d)
+
+
+def attention_weights_fused(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
+  """The same attention through `jax.nn.dot_product_attention`.
+
+  On a GPU with half-precision inputs this asks for the cuDNN fused kernel; elsewhere (CPU tests,
+  float32) jax's own XLA implementation runs, so the option is always safe to set.
+  """
+  fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+  return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
+                                      implementation="cudnn" if fused else None)
+
+
+ATTENTION_IMPLS = {"xla": attention_weights_xla, "cudnn": attention_weights_fused}
+
+
+class Attention(nn.Module):
+  """Causal GQA self-attention with rotary embeddings and an optional preallocated KV cache."""
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  qkv_bias: bool = True
+  attention_impl: str = "xla"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(
+      self,
+      x: Array,  # [B, T, E]
+      cos: Array,  # [B, T, D] float32
+      sin: Array,  # [B, T, D] float32
+      mask: Array,  # bool [B, T, S]: query t may see key slot s
+      kv_cache: Optional[LayerCache] = None,  # {'k','v'}: [B, S, K, D]
+      cache_index: Optional[Array] = None,  # int32 scalar: slot of x[:, 0] in the cache
+  ) -> Tuple[Array, Optional[LayerCache]]:
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl must be one of {sorted(ATTENTION_IMPLS)}, "
+                       f"got {self.attention_impl!r}.")
+
+    def proj(heads, head_axis, name):
+      return nn.DenseGeneral(
+          (heads, self.head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
+          param_dtype=self.param_dtype,
+          kernel_init=partitioned(nn.initializers.normal(_INIT_STD),
+                                  ("embed", head_axis, "head_dim")),
+          bias_init=partitioned(nn.initializers.zeros, (head_axis, "head_dim")), name=name)(x)
+
+    q = proj(self.num_heads, "q_heads", "q_proj")  # [B, T, H, D]
+    k = proj(self.num_kv_heads, "kv_heads", "k_proj")  # [B, T, K, D]
+    v = proj(self.num_kv_heads, "kv_heads", "v_proj")
+    q = constrain(rope.apply_rope(q, cos, sin), ("activation_batch", "activation_length",
+                                                 "activation_heads", "activation_head_dim"))
+    k = rope.apply_rope(k, cos, sin)
+
+    new_cache = None
+    if kv_cache is not None:
+      start = (0, cache_index, 0, 0)
+      k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
+      v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
+      new_cache = {"k": k_all, "v": v_all}
+      k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+
+    attend = ATTENTION_IMPLS[self.attention_impl]
+    out = attend(q, k, v, mask, self.head_dim ** -0.5)
+    out = nn.DenseGeneral(
+        x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
+        param_dtype=self.param_dtype,
+        kernel_init=partitioned(nn.initializers.normal(_INIT_STD),
+                                ("q_heads", "head_dim", "embed")), name="o_proj")(out)
+    return out, new_cache

@@ -1,0 +1,193 @@
+"""The multimodal policy: vision tower + text decoder, the same function as transformers'
+Qwen2_5_VLForConditionalGeneration / Qwen2VLForConditionalGeneration.
+
+    index = rope_index(cfg, input_ids, image_grid_thw, attn_mask)   # numpy, on the host
+    out = model.apply(params, input_ids, index.positions, attn_mask,
+                      pixel_values, image_grid_thw)                  # jit with grid_thw static
+
+Image features replace the `<|image_pad|>` tokens in reading order (row by row, image by image),
+as the reference's masked_scatter does. Position ids are M-RoPE triples (temporal, height, width):
+text tokens count up by one on all three axes; the tokens of an image take (start, start + row,
+start + col) and the next text resumes at start + max(rows, cols). The ids depend only on token ids
+and image grids, so they are computed once on the host in numpy (`rope_index`) and enter jitted
+code as an ordinary int32 input; so does the per-row `delta` that decoding needs: the token at
+real-token count n (padding excluded) of a row sits at position n + delta.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, NamedTuple, Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jigsaw_jax.models import decoder as decoder_lib
+from jigsaw_jax.models.config import ModelConfig
+
+Array = jax.Array
+Grid = Tuple[Tuple[int, int, int], ...]
+
+
+class RopeIndex(NamedTuple):
+  positions: np.ndarray  # int32 [3, B, L]; 0 at padding
+  deltas: np.ndarray  # int32 [B]: position of a row's n-th real token minus n, after the prompt
+
+
+def _grid_tuple(image_grid_thw) -> Grid:
+  if image_grid_thw is None:
+    return ()
+  return tuple(tuple(int(v) for v in row) for row in np.asarray(image_grid_thw).reshape(-1, 3))
+
+
+def rope_index(
+    cfg: ModelConfig,
+    input_ids: np.ndarray,  # int [B, L]
+    image_grid_thw=None,  # (t, h, w) per image, in patches, in order of appearance
+    attn_mask: Optional[np.ndarray] = None,  # [B, L], 1 real / 0 padding
+) -> RopeIndex:
+  """M-RoPE position ids and decode deltas, exactly as transformers' `get_rope_index`.
+
+  Runs of consecutive image-pad tokens are images; each takes the next grid (grids are consumed
+  across the batch in reading order). Padding positions get id 0 and do not count.
+  """
+  input_ids = np.asarray(input_ids)
+  if input_ids.ndim != 2:
+    raise ValueError(f"input_ids must be [B, L], got shape {input_ids.shape}.")
+  b, l = input_ids.shape
+  valid = np.ones((b, l), bool) if attn_mask is None else np.asarray(attn_mask).astype(bool)
+  merge = cfg.vision.spatial_merge_size if cfg.vision is not None else 1
+  grids = iter(_grid_tuple(image_grid_thw))
+  positions = np.zeros((3, b, l), np.int64)
+  deltas = np.zeros((b,), np.int64)
+  for row in range(b):
+    ids = input_ids[row][valid[row]]
+    if np.any(ids == cfg.video_token_id) and cfg.vision is not None:
+      raise NotImplementedError("video inputs are not supported; found video-pad tokens in row "
+                                f"{row}.")
+    is_image = (ids == cfg.image_token_id) if cfg.vision is not None else np.zeros_like(ids, bool)
+    pieces, start = [], 0
+    for image, run in itertools.groupby(is_image.tolist()):
+      n = len(list(run))
+      if not image:
+        pieces.append(np.broadcast_to(np.arange(n) + start, (3, n)))
+        start += n
+        continue
+      grid = next(grids, None)
+      if grid is None:
+        raise ValueError(f"row {row} has more images (runs of image-pad tokens) than "
+                         "image_grid_thw has rows; pass one (t, h, w) per image.")
+      t, h, w = grid[0], grid[1] // merge, grid[2] // merge
+      if n != t * h * w:
+        raise ValueError(
+            f"row {row}: an image occupies {n} image-pad tokens but its grid {grid} needs "
+            f"t*h*w/{merge * merge} = {t * h * w}. Build the prompt with one pad token per merged "
+            "patch (the processor's image_grid_thw.prod() // merge**2).")
+      tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h), np.arange(w), indexing="ij")
+      pieces.append(np.stack([tt, hh, ww]).reshape(3, -1) + start)
+      start += max(grid[1], grid[2]) // merge
+    pos = np.concatenate(pieces, axis=1) if pieces else np.zeros((3, 0), np.int64)
+    positions[:, row, valid[row]] = pos
+    deltas[row] = (pos.max() + 1 if pos.size else 0) - len(ids)
+  if next(grids, None) is not None:
+    raise ValueError("image_grid_thw has more rows than there are images (runs of image-pad "
+                     "tokens) in input_ids.")
+  return RopeIndex(positions.astype(np.int32), deltas.astype(np.int32))
+
+
+def decode_positions(cache: decoder_lib.Cache, deltas: Array) -> Array:
+  """M-RoPE ids [3, B, 1] of the next token of each row: real tokens in the cache + delta."""
+  pos = decoder_lib.cache_lengths(cache) + deltas.astype(jnp.int32)
+  return jnp.broadcast_to(pos[None, :, None], (3, pos.shape[0], 1))
+
+
+def scatter_image_features(embeds: Array, is_image: Array, features: Array) -> Array:
+  """Puts features[k] at the k-th image-pad token (reading order); static shapes, so it jits.
+
+  embeds [B, L, E], is_image bool [B, L], features [M, E] with M the number of image-pad tokens.
+  """
+  b, l, e = embeds.shape
+  flat = is_image.reshape(-1)
+  k = jnp.clip(jnp.cumsum(flat) - 1, 0, features.shape[0] - 1)
+  gathered = jnp.take(features.astype(embeds.dtype), k, axis=0).reshape(b, l, e)
+  return jnp.where(is_image[..., None], gathered, embeds)
+
+
+class VisionLanguageModel(nn.Module):
+  """Qwen2-VL / Qwen2.5-VL: `visual` (the vision tower) and `decoder` (the text decoder)."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.decoder = decoder_lib.TextDecoder(cfg.text, cfg.dtype, cfg.param_dtype, cfg.remat,
+                                           cfg.attention_impl)
+    if cfg.vision is not None:
+      from jigsaw_jax.models import vision  # Imported here: text-only models never need it.
+      self.visual = vision.VisionTower(cfg.vision, cfg.dtype, cfg.param_dtype, cfg.remat,
+                                       cfg.attention_impl)
+
+  def __call__(
+      self,
+      input_ids: Array,  # int [B, T]
+      positions: Array,  # int [3, B, T] (rope_index / decode_positions), or [B, T] for 1-D RoPE
+      attn_mask: Array,  # [B, T]: 1 real token, 0 padding
+      pixel_values: Optional[Array] = None,  # [N, C*T*P*P]: all images' patches, concatenated
+      image_grid_thw: Optional[Sequence[Sequence[int]]] = None,  # static (t, h, w) per image
+      cache: Optional[decoder_lib.Cache] = None,
+      *,
+      return_hidden: bool = False,
+      return_logits: bool = True,
+      last_logits_only: bool = False,
+  ) -> decoder_lib.DecoderOutput:
+    embeds = self.decoder.embed(input_ids)
+    if pixel_values is not None:
+      if self.cfg.vision is None:
+        raise ValueError("pixel_values given to a model without a vision tower (cfg.vision=None).")
+      features = self.visual(pixel_values, _grid_tuple(image_grid_thw))
+      embeds = scatter_image_features(embeds, input_ids == self.cfg.image_token_id, features)
+    return self.decoder(embeds, positions, attn_mask, cache, return_hidden=return_hidden,
+                        return_logits=return_logits, last_logits_only=last_logits_only)
+
+
+def dummy_inputs(cfg: ModelConfig) -> dict:
+  """The smallest valid inputs (one 1-token image when there is a vision tower): for init."""
+  ids = np.zeros((1, 1), np.int32)
+  inputs = dict(input_ids=ids, positions=np.zeros((3, 1, 1), np.int32),
+                attn_mask=np.ones((1, 1), np.int32))
+  if cfg.vision is not None:
+    v, m = cfg.vision, cfg.vision.spatial_merge_size
+    ids[:] = cfg.image_token_id
+    inputs.update(
+        pixel_values=np.zeros((m * m, v.in_channels * v.temporal_patch_size * v.patch_size ** 2),
+                              np.float32),
+        image_grid_thw=((1, m, m),))
+  return inputs
+
+
+def init_params(cfg: ModelConfig, rng: Array) -> dict:
+  """Random parameters {'params': ...} (unboxed arrays) in cfg.param_dtype."""
+  model = VisionLanguageModel(cfg)
+  inputs = dummy_inputs(cfg)
+  grid = inputs.pop("image_grid_thw", None)
+  init = jax.jit(lambda r: model.init(r, **inputs, image_grid_thw=grid))
+  return nn.unbox(init(rng))
+
+
+def abstract_params(cfg: ModelConfig) -> dict:
+  """Parameter shapes/dtypes as jax.ShapeDtypeStruct, still boxed with their logical axis names.
+
+  Nothing is allocated (jax.eval_shape), so this is cheap for the 7B presets.
+  """
+  model = VisionLanguageModel(cfg)
+  inputs = dummy_inputs(cfg)
+  grid = inputs.pop("image_grid_thw", None)
+  return jax.eval_shape(lambda r: model.init(r, **inputs, image_grid_thw=grid),
+                        jax.random.key(0))
+
+
+def logical_axes(cfg: ModelConfig) -> Any:
+  """The logical axis names of every parameter: a tree of PartitionSpec (of logical names)."""
+  return nn.get_partition_spec(abstract_params(cfg))

@@ -1,0 +1,110 @@
+"""Named model shapes: the released Qwen-VL checkpoints and two CPU-sized models.
+
+    cfg = presets.get_preset("qwen2_5_vl_3b", dtype="bfloat16")
+    presets.count_params("qwen2_5_vl_3b")  # 3_754_622_976, without allocating anything
+
+The released shapes are those of the checkpoints' config.json (Qwen/Qwen2.5-VL-3B-Instruct,
+Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen2-VL-2B-Instruct); `hf_io.model_config_from_hf` on those
+files gives exactly these configs (tested). `tiny` and `small` keep Qwen2.5-VL's structure (window
+attention with full-attention blocks, M-RoPE, tied embeddings) at CPU scale, with the vocabulary
+and special-token ids of the tokenizer shipped in `assets/tokenizer_tiny`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, Dict, Union
+
+import jax
+
+from jigsaw_jax.models.config import ModelConfig, TextConfig, VisionConfig
+
+# The tiny tokenizer's vocabulary size and ids of <|image_pad|>, <|video_pad|>, <|vision_start|>,
+# <|vision_end|> (checked against the tokenizer in tests/models/test_presets.py).
+_TINY_VOCAB = 1024
+_TINY_IDS = dict(image_token_id=1014, video_token_id=1015, vision_start_token_id=1011,
+                 vision_end_token_id=1012)
+
+
+def qwen2_5_vl_3b() -> ModelConfig:
+  return ModelConfig(
+      text=TextConfig(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_layers=36,
+                      num_heads=16, num_kv_heads=2, head_dim=128, rms_norm_eps=1e-6,
+                      rope_theta=1e6, mrope_section=(16, 24, 24), tie_word_embeddings=True),
+      vision=VisionConfig(kind="qwen2_5_vl", depth=32, hidden_size=1280, intermediate_size=3420,
+                          num_heads=16, out_hidden_size=2048, window_size=112,
+                          fullatt_block_indexes=(7, 15, 23, 31), hidden_act="silu"))
+
+
+def qwen2_5_vl_7b() -> ModelConfig:
+  return ModelConfig(
+      text=TextConfig(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_layers=28,
+                      num_heads=28, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6,
+                      rope_theta=1e6, mrope_section=(16, 24, 24), tie_word_embeddings=False),
+      vision=VisionConfig(kind="qwen2_5_vl", depth=32, hidden_size=1280, intermediate_size=3420,
+                          num_heads=16, out_hidden_size=3584, window_size=112,
+                          fullatt_block_indexes=(7, 15, 23, 31), hidden_act="silu"))
+
+
+def qwen2_vl_2b() -> ModelConfig:
+  return ModelConfig(
+      text=TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_layers=28,
+                      num_heads=12, num_kv_heads=2, head_dim=128, rms_norm_eps=1e-6,
+                      rope_theta=1e6, mrope_section=(16, 24, 24), tie_word_embeddings=True),
+      # Qwen2-VL's tower: LayerNorm + quick-GELU MLP (embed_dim 1280, mlp_ratio 4), full attention.
+      vision=VisionConfig(kind="qwen2_vl", depth=32, hidden_size=1280, intermediate_size=5120,
+                          num_heads=16, out_hidden_size=1536, fullatt_block_indexes=(),
+                          hidden_act="quick_gelu"))
+
+
+def tiny() -> ModelConfig:
+  """About 1.2M parameters: a forward pass on two CPU cores takes milliseconds."""
+  return ModelConfig(
+      text=TextConfig(vocab_size=_TINY_VOCAB, hidden_size=128, intermediate_size=384, num_layers=4,
+                      num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                      rope_theta=1e6, mrope_section=(4, 6, 6), tie_word_embeddings=True),
+      vision=VisionConfig(kind="qwen2_5_vl", depth=2, hidden_size=64, intermediate_size=128,
+                          num_heads=2, out_hidden_size=128, window_size=112,
+                          fullatt_block_indexes=(1,), hidden_act="silu"),
+      **_TINY_IDS)
+
+
+def small() -> ModelConfig:
+  """About 20M parameters: learns the small puzzles on a CPU in tens of minutes."""
+  return ModelConfig(
+      text=TextConfig(vocab_size=_TINY_VOCAB, hidden_size=384, intermediate_size=1024, num_layers=8,
+                      num_heads=6, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6,
+                      rope_theta=1e6, mrope_section=(8, 12, 12), tie_word_embeddings=True),
+      vision=VisionConfig(kind="qwen2_5_vl", depth=8, hidden_size=256, intermediate_size=640,
+                          num_heads=4, out_hidden_size=384, window_size=112,
+                          fullatt_block_indexes=(3, 7), hidden_act="silu"),
+      **_TINY_IDS)
+
+
+PRESETS: Dict[str, Callable[[], ModelConfig]] = {
+    "tiny": tiny,
+    "small": small,
+    "qwen2_5_vl_3b": qwen2_5_vl_3b,
+    "qwen2_5_vl_7b": qwen2_5_vl_7b,
+    "qwen2_vl_2b": qwen2_vl_2b,
+}
+
+
+def get_preset(name: str, **overrides) -> ModelConfig:
+  """The named config, with ModelConfig fields overridden (dtype='bfloat16', remat=True, ...)."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}.")
+  fields = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"unknown ModelConfig fields {unknown}; valid fields: {sorted(fields)}.")
+  return dataclasses.replace(PRESETS[name](), **overrides)
+
+
+def count_params(preset: Union[str, ModelConfig]) -> int:
+  """Number of parameters, from shapes only (jax.eval_shape: nothing is allocated)."""
+  from jigsaw_jax.models import mllm
+  cfg = get_preset(preset) if isinstance(preset, str) else preset
+  shapes = jax.tree.leaves(mllm.abstract_params(cfg))
+  return sum(math.prod(x.shape) for x in shapes)

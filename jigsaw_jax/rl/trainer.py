@@ -1,0 +1,227 @@
+"""GRPO training: the `grpo` task of `jigsaw_jax.main`.
+
+One function, top to bottom, in sections (the big_vision way): set-up, mesh, policy, data,
+optimizer and step functions, restore, evaluation, then the loop. Each step:
+
+    grain batch (B puzzles x G copies) -> rollout (prefill once per puzzle, G samples)
+      -> rewards (host) -> advantages -> mu x [micro-batched grads -> one optax update]
+      -> metrics (clu) -> checkpoint (Orbax, with the data iterator state)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jigsaw_jax import checkpoint as checkpoint_lib
+from jigsaw_jax import data as data_lib
+from jigsaw_jax import evaluate as evaluate_lib
+from jigsaw_jax import metrics as metrics_lib
+from jigsaw_jax import sharding as sharding_lib
+from jigsaw_jax.models import policy as policy_lib
+from jigsaw_jax.rl import advantages as advantages_lib
+from jigsaw_jax.rl import losses as losses_lib
+from jigsaw_jax.rl import rollout_rewards
+from jigsaw_jax.rl.sequences import build_sequences, split_rows
+from jigsaw_jax.rl.steps import PolicySteps, make_optimizer, mean_trees
+from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
+from jigsaw_jax.rollout.sampling import SamplingConfig
+
+
+def loss_config(config) -> losses_lib.LossConfig:
+  rl = config.rl
+  return losses_lib.LossConfig(
+      name=rl.loss, epsilon_low=rl.epsilon_low, epsilon_high=rl.epsilon_high, beta=rl.beta,
+      kl_estimator=rl.kl_estimator, max_completion_length=config.rollout.max_new_tokens)
+
+
+def vision_placeholder_ids(model_cfg) -> tuple:
+  return (model_cfg.image_token_id, model_cfg.video_token_id, model_cfg.vision_start_token_id,
+          model_cfg.vision_end_token_id)
+
+
+def rollout_config(config, model_cfg, processor, group_size: int) -> RolloutConfig:
+  r = config.rollout
+  return RolloutConfig(
+      max_new_tokens=r.max_new_tokens, group_size=group_size,
+      sampling=SamplingConfig(temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                              suppress_ids=vision_placeholder_ids(model_cfg)),
+      eos_ids=processor.special_ids.eos_ids, pad_id=processor.pad_token_id)
+
+
+def optimizer_for(config):
+  o = config.optim
+  return make_optimizer(o.learning_rate, config.total_steps, o.warmup_steps, o.weight_decay,
+                        o.grad_clip, o.b1, o.b2, o.eps, o.end_learning_rate)
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Runs GRPO as `config` says; returns the final step's metrics."""
+  # ----------------------------------------------------------------------------------------
+  # Set-up.
+  # ----------------------------------------------------------------------------------------
+  os.makedirs(workdir, exist_ok=True)
+  sharding_lib.maybe_initialize_distributed(config.distributed)
+  rng = jax.random.key(config.seed)
+  writer = metrics_lib.create_writer(workdir)
+  metrics_lib.write_config(writer, config)
+  group = int(config.data.pipeline.group_size)
+  if group < 2:
+    raise ValueError("GRPO needs config.data.pipeline.group_size >= 2 samples per puzzle.")
+
+  # ----------------------------------------------------------------------------------------
+  # Mesh and policy.
+  # ----------------------------------------------------------------------------------------
+  mesh = sharding_lib.mesh_from_config(config.mesh)
+  rules = sharding_lib.normalize_rules(config.mesh.rules)
+  model_cfg = policy_lib.model_config(config.model)
+  processor = policy_lib.processor(config.model)
+  param_shardings = sharding_lib.logical_to_sharding(policy_lib.abstract_params(model_cfg), mesh,
+                                                     rules)
+  rng, init_rng = jax.random.split(rng)
+  params = policy_lib.initial_params(config.model, model_cfg, init_rng, param_shardings)
+  optimizer = optimizer_for(config)
+  opt_state = jax.jit(optimizer.init)(params)
+
+  # ----------------------------------------------------------------------------------------
+  # Data.
+  # ----------------------------------------------------------------------------------------
+  dataset = data_lib.make_dataset(
+      config.data, record_transform=rollout_rewards.encode_record(processor),
+      shard_index=jax.process_index(), shard_count=jax.process_count())
+  data_iter = iter(dataset)
+
+  # ----------------------------------------------------------------------------------------
+  # Step functions.
+  # ----------------------------------------------------------------------------------------
+  steps = PolicySteps(model_cfg, loss_config(config), optimizer, config.rollout.temperature)
+  sampler = Sampler(model_cfg, rollout_config(config, model_cfg, processor, group))
+  advantage_fn = advantages_lib.get(config.rl.advantage)
+
+  # ----------------------------------------------------------------------------------------
+  # Restore (params, optimizer, step, PRNG key and the data position).
+  # ----------------------------------------------------------------------------------------
+  ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config.checkpoint)
+  state = {"params": params, "opt_state": opt_state, "step": jnp.int32(0), "rng": rng}
+  restored = ckpt.restore(state)
+  if restored is not None:
+    state = restored.state
+    data_iter.set_state(restored.data_state)
+    logging.info("Resumed from step %d.", int(state["step"]))
+  # The KL reference is the initial policy; with beta = 0 it is never computed.
+  ref_params = None
+  if config.rl.beta != 0.0:
+    ref_params = params if restored is None else policy_lib.initial_params(
+        config.model, model_cfg, init_rng, param_shardings)
+
+  # ----------------------------------------------------------------------------------------
+  # Evaluation.
+  # ----------------------------------------------------------------------------------------
+  evaluator = None
+  if config.eval.every_steps or config.eval.at_start or config.eval.at_end:
+    evaluator = evaluate_lib.Evaluator(model_cfg, processor, config.data, config.eval,
+                                       processor.special_ids.eos_ids)
+
+  def run_eval(step: int):
+    records, samples = evaluator(state["params"], step)
+    evaluate_lib.append_records(workdir, records)
+    evaluate_lib.write_gallery(os.path.join(workdir, f"gallery_step{step}.png"), samples)
+    metrics_lib.write_scalars(writer, step, {
+        f"eval/{r['question_type']}_{'think' if r['think'] else 'nothink'}_{r['size']}/accuracy":
+        r["accuracy"] for r in records})
+    for r in records:
+      logging.info("eval step %d %s %s think=%s: accuracy %.3f format %.3f", step, r["size"],
+                   r["question_type"], r["think"], r["accuracy"], r["format_rate"])
+    return records
+
+  # ----------------------------------------------------------------------------------------
+  # Loop.
+  # ----------------------------------------------------------------------------------------
+  start_step = int(state["step"])
+  total_steps = int(config.total_steps)
+  report_progress = metrics_lib.create_report_progress(writer, total_steps)
+  timer = metrics_lib.StepTimer(report_progress)
+  if evaluator is not None and config.eval.at_start and start_step == 0:
+    run_eval(0)
+  last_metrics: Dict[str, Any] = {}
+  bucket = int(config.rollout.prompt_bucket)
+  for step in range(start_step + 1, total_steps + 1):
+    with timer.phase("data"):
+      batch = next(data_iter)
+      prompts, puzzles = rollout_rewards.unique_prompts(batch, group, processor, bucket)
+
+    with timer.phase("rollout"):
+      step_rng = jax.random.fold_in(state["rng"], step)
+      rollout = jax.block_until_ready(sampler.generate(state["params"], prompts, step_rng))
+      tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
+
+    with timer.phase("reward"):
+      texts = rollout_rewards.decode_completions(processor, tokens, mask)
+      scores = rollout_rewards.score_texts(puzzles, texts, group)
+      rewards = scores["total"]
+      lengths = mask.sum(-1)
+      if config.rl.overlong_buffer:
+        rewards = rewards + np.asarray(advantages_lib.overlong_penalty(
+            lengths, config.rollout.max_new_tokens, config.rl.overlong_buffer)).reshape(
+                rewards.shape)
+      adv = np.asarray(advantage_fn(rewards), np.float32).reshape(-1)
+
+    with timer.phase("update"):
+      seq = build_sequences(model_cfg, prompts, tokens, mask, group)
+      micro = list(split_rows(seq, int(config.rl.micro_batches)))
+      adv_micro = np.split(adv, len(micro))
+      ref_logps = [steps.score(ref_params, m)[0] if ref_params is not None else None
+                   for m in micro]
+      old_logps = [None] * len(micro)
+      if config.rl.num_iterations > 1:
+        old_logps = [steps.score(state["params"], m)[0] for m in micro]
+      for _ in range(int(config.rl.num_iterations)):
+        results = [steps.grads(state["params"], m, a, o, r)
+                   for m, a, o, r in zip(micro, adv_micro, old_logps, ref_logps)]
+        grads = mean_trees([g for g, _, _ in results])
+        params, opt_state, update_stats = steps.apply_update(state["params"], state["opt_state"],
+                                                             grads)
+        state = dict(state, params=params, opt_state=opt_state)
+      loss = float(np.mean([float(l) for _, l, _ in results]))
+      loss_metrics = jax.tree_util.tree_map(lambda *x: float(np.mean(x)),
+                                            *[m for _, _, m in results])
+      jax.block_until_ready(state["params"])
+    state["step"] = jnp.int32(step)
+    timer.add_tokens(int(lengths.sum()))
+
+    finite = float(update_stats["finite"]) == 1.0
+    if not finite:
+      logging.warning("step %d: non-finite gradient; the update was skipped.", step)
+    last_metrics = {
+        "reward/total": rewards.mean(), "reward/accuracy": scores["accuracy"].mean(),
+        "reward/format": scores["format"].mean(), "reward/correct": scores["correct"].mean(),
+        "reward/zero_variance_groups": float(
+            np.mean(advantages_lib.zero_variance_groups(rewards))),
+        "completion/length_tokens": lengths.mean(), "loss": loss, **loss_metrics,
+        "grad_norm": float(update_stats["grad_norm"]), "skipped_update": 0.0 if finite else 1.0,
+        **timer.finish_step()}
+    if step % int(config.metrics.log_every) == 0 or step == total_steps:
+      metrics_lib.write_scalars(writer, step, last_metrics)
+    if config.metrics.samples_every and step % int(config.metrics.samples_every) == 0:
+      metrics_lib.write_samples(writer, step, [p.prompt for p in puzzles for _ in range(group)],
+                                texts, {k: v.reshape(-1) for k, v in scores.items()})
+    report_progress(step)
+    if finite:
+      ckpt.save(step, state, data_state=data_iter.get_state(),
+                metadata={"step": step, "reward": float(rewards.mean())},
+                force=step == total_steps)
+    if evaluator is not None and config.eval.every_steps and step % config.eval.every_steps == 0 \
+        and step != total_steps:
+      run_eval(step)
+
+  ckpt.wait_until_finished()
+  if evaluator is not None and config.eval.at_end and total_steps > start_step:
+    run_eval(total_steps)
+  ckpt.close()
+  writer.flush()
+  return last_metrics
