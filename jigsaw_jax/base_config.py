@@ -16,6 +16,7 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "grpo"
   c.seed = 42  # HF Trainer's default seed, as in the reference runs
+  c.init_from = ""  # another run's workdir: start from its latest params (SFT -> RL cold start)
   c.total_steps = 2000  # non-thinking runs; thinking runs use 1000
 
   # Policy: a preset shape with random weights, or a local HF checkpoint directory.
@@ -51,7 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Evaluation: greedy decoding on fixed test sets of these sizes.
   c.eval = ml_collections.ConfigDict(dict(
       sizes=("2x1", "3x1", "4x1", "2x2"), question_types=("full",), thinks=(False,),
-      num_puzzles=1000, seed=0, max_new_tokens=512, batch_size=32, prompt_bucket=64,
+      num_puzzles=1000, seed=0, shuffle_mn=False, max_new_tokens=512, batch_size=32, prompt_bucket=64,
       every_steps=0, at_start=True, at_end=True))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
@@ -64,8 +65,18 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict(dict(
       coordinator_address="", num_processes=1, process_id=0, auto_detect=False))
 
+  # SFT (task="sft"): ground-truth answers, or the policy's own correct samples (thinking).
+  c.sft = ml_collections.ConfigDict(dict(
+      mode="ground_truth",  # ground_truth | rejection_sampling
+      samples_per_prompt=8, target_length=16))
+  # Evaluation of a finished run (task="eval"): which checkpoint to restore.
+  c.restore = ml_collections.ConfigDict(dict(workdir="", step=0, from_checkpoint=True))
+
   # A supervised stage before RL (the CPU miniature's base model); 0 steps: none.
-  c.pretrain = ml_collections.ConfigDict(dict(steps=0))
+  c.pretrain = ml_collections.ConfigDict(dict(
+      steps=0, batch_size=16, learning_rate=1e-3, warmup_steps=20,
+      rotation_fraction=0.5,  # share of rotation-pretext examples (the rest: format only)
+      target_length=8))
   return c
 
 
@@ -103,4 +114,4 @@ def apply_miniature(c: ml_collections.ConfigDict) -> None:
   c.optim.warmup_steps = 10
   c.rl.beta = 0.0
   c.eval.sizes = ("2x1", "1x2", "3x1")
-  c.pretrain.steps = 0
+  c.pretrain.steps = 300

@@ -23,6 +23,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 TASKS = {
     "preview": "jigsaw_jax.puzzles.preview:run_from_config",
     "grpo": "jigsaw_jax.rl.trainer:train_and_evaluate",
+    "sft": "jigsaw_jax.rl.sft:train",
+    "eval": "jigsaw_jax.evaluate:run",
 }
 
 

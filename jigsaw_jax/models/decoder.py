@@ -56,7 +56,7 @@ def cache_lengths(cache: Cache) -> Array:
   return jnp.sum(cache["mask"], axis=-1, dtype=jnp.int32)
 
 
-def attention_mask(attn_mask: Array, cache: Optional[Cache]) -> tuple[Array, Optional[Array]]:
+def visibility_mask(attn_mask: Array, cache: Optional[Cache]) -> tuple[Array, Optional[Array]]:
   """bool [B, T, S] visibility (causal and not padding), plus the cache's updated key mask."""
   valid = attn_mask.astype(jnp.bool_)
   t = valid.shape[1]
@@ -160,7 +160,7 @@ class TextDecoder(nn.Module):
     if cfg.mrope_section is None and positions.ndim == 3:
       positions = positions[0]  # A 1-D model given M-RoPE ids of text: all three axes agree.
     cos, sin = rope.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
-    mask, key_valid = attention_mask(attn_mask, cache)
+    mask, key_valid = visibility_mask(attn_mask, cache)
     index = None if cache is None else cache["index"]
     new_layers: List[layers.LayerCache] = []
     for i, layer in enumerate(self.layers):

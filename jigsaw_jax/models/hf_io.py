@@ -17,6 +17,7 @@ Layouts ("kind" in the map):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -317,29 +318,28 @@ def load_hf(
 
   dtype = jnp.dtype(cfg.param_dtype)
   params: Dict[str, Any] = {}
-  handles: Dict[pathlib.Path, Any] = {}
-  try:
-    for s in specs:
-      file, key, _ = found[s.hf_name]
+  with contextlib.ExitStack() as stack:
+    handles: Dict[pathlib.Path, Any] = {}
+
+    def read(name: str) -> np.ndarray:
+      file, key, _ = found[name]
       if file not in handles:
-        handles[file] = safe_open(str(file), framework="numpy").__enter__()
+        handles[file] = stack.enter_context(safe_open(str(file), framework="numpy"))
+      return handles[file].get_tensor(key)
+
+    for s in specs:
       target = _get_path(abstract, s.path)
       if target is None:
         raise AssertionError(f"name map entry {s.hf_name} -> {s.path} is not a model parameter.")
-      value = hf_to_ours(s.kind, handles[file].get_tensor(key), target.shape).astype(dtype)
+      value = hf_to_ours(s.kind, read(s.hf_name), target.shape).astype(dtype)
       sharding = _get_path(shardings, ("params",) + s.path) if shardings is not None else None
       _set_path(params, s.path, jax.device_put(value, sharding))
     if tied_head:
-      file, key, _ = found["lm_head.weight"]
       embed = _get_path(params, ("decoder", "embed_tokens", "embedding"))
-      head = handles.setdefault(file, safe_open(str(file), framework="numpy").__enter__())
-      if not np.array_equal(np.asarray(head.get_tensor(key)).astype(dtype), np.asarray(embed)):
+      if not np.array_equal(read("lm_head.weight").astype(dtype), _host(embed)):
         raise CheckpointError(
             "config.json says tie_word_embeddings=true but lm_head.weight differs from "
             "model.embed_tokens.weight. Set tie_word_embeddings to false in config.json.")
-  finally:
-    for h in handles.values():
-      h.__exit__(None, None, None)
   missing = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(abstract)[0]
              if _get_path(params, tuple(k.key for k in p)) is None]
   if missing:

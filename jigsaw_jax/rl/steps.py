@@ -1,25 +1,42 @@
 """The jitted pieces of a policy update, as pure functions of pytrees.
 
-    scorer = Scorer(model_cfg, temperature)
-    logp, entropy = scorer(params, seq)                   # per completion token, no gradient
-    grads, loss, metrics = loss_and_grads(params, seq, advantages, old_logp, ref_logp)
-    params, opt_state, stats = apply_update(params, opt_state, grads)
+    steps = PolicySteps(model_cfg, loss_cfg, optimizer, temperature)
+    logp, entropy = steps.score(params, seq)                # per completion token, no gradient
+    grads, loss, metrics = steps.grads(params, seq, advantages, old_logp, ref_logp)
+    params, opt_state, stats = steps.apply_update(params, opt_state, grads)
 
 A step accumulates gradients over micro-batches (a host loop over the jitted gradient, so images
 of any size work) and applies one optax update. The update refuses a non-finite gradient: the
 parameters and optimizer state stay as they were and `stats['finite']` is 0, so a bad step never
 reaches a checkpoint.
+
+On a device mesh every jit gets explicit in/out shardings: params and optimizer state where the
+logical-axis rules put them (FSDP, tensor parallelism), the rows of every batch array split over
+the data-like axes ('data', 'fsdp'), scalars replicated; the model is traced under the mesh and
+the rules, so its activation constraints apply. The numbers are the one-device numbers up to
+float summation order (tests/test_scale_out.py checks four meshes and two processes).
+
+    steps = PolicySteps(model_cfg, loss_cfg, optimizer, mesh=mesh, rules=config.mesh.rules)
+    params = ...created with out_shardings=steps.param_shardings...
+    opt_state = steps.init_optimizer(params)                # created already sharded
+    seq = steps.shard_batch(seq)                            # this process's rows -> global arrays
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, Optional
+import contextlib
+import zlib
+from typing import Any, Callable, Optional, Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jigsaw_jax import sharding as sharding_lib
 from jigsaw_jax.models import mllm
 from jigsaw_jax.models.config import ModelConfig
 from jigsaw_jax.rl import losses
@@ -47,20 +64,211 @@ def completion_scores(model: mllm.VisionLanguageModel, params, input_ids, attn_m
   return losses.token_log_probs(logits, completion), losses.entropy(logits)
 
 
+# ---------------------------------------------------------------------------------------------
+# Where state and batches live on a mesh.
+# ---------------------------------------------------------------------------------------------
+
+
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, abstract_params: Any,
+                              param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings of `optimizer.init(params)`, from shapes only.
+
+  A state leaf whose tree path ends with a parameter's path and has that parameter's shape
+  (Adam's mu and nu, any per-parameter statistic) is placed like the parameter; everything else
+  (step counts, schedule state) is replicated. Works for any optax chain, masked or not.
+  `abstract_params` is the unboxed tree of shapes (jax.ShapeDtypeStruct or arrays).
+  """
+  by_path = {}
+  leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  for (path, leaf), sharding in zip(leaves, jax.tree_util.tree_leaves(param_shardings)):
+    by_path[tuple(path)] = (tuple(leaf.shape), sharding)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def place(path, leaf):
+    path, shape = tuple(path), tuple(getattr(leaf, "shape", ()))
+    for start in range(len(path)):
+      hit = by_path.get(path[start:])
+      if hit is not None and hit[0] == shape:
+        return hit[1]
+    return replicated
+
+  abstract_state = jax.eval_shape(optimizer.init, abstract_params)
+  return jax.tree_util.tree_map_with_path(place, abstract_state)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  return tuple(a for a in sharding_lib.BATCH_AXES if a in mesh.axis_names)
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+  """How many ways the rows of a batch are split: the product of the data-like mesh axes."""
+  return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+
+
+def rows_sharding(mesh: Mesh, ndim: int, row_axis: int = 0) -> NamedSharding:
+  """Rows (axis `row_axis`) over the data-like mesh axes, all other axes replicated."""
+  spec = [None] * ndim
+  spec[row_axis] = batch_axes(mesh)
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def pixel_sharding(mesh: Mesh, num_patches: int) -> NamedSharding:
+  """Patches of all rows' images, in row order: split like the rows when the split falls on
+  image boundaries of equal-sized images (the pipeline's fixed `resize_to`); else replicated."""
+  if num_patches % batch_parallelism(mesh):
+    return NamedSharding(mesh, PartitionSpec())
+  return rows_sharding(mesh, 2)
+
+
+def sequence_shardings(mesh: Mesh, num_patches: int) -> SequenceBatch:
+  """The sharding of each array of a SequenceBatch (positions are [3, R, L]: rows on axis 1)."""
+  rows = lambda ndim, axis=0: rows_sharding(mesh, ndim, axis)
+  return SequenceBatch(rows(2), rows(2), rows(3, 1), pixel_sharding(mesh, num_patches), rows(2),
+                       rows(2), ())
+
+
+def _on(x: Any, sharding: NamedSharding) -> Any:
+  """`x` placed as `sharding`: a jax.Array is resharded if it lives elsewhere; host data is this
+  process's part (all of it in a single-process run)."""
+  if x is None:
+    return None
+  if isinstance(x, jax.Array):
+    if x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x
+    return jax.device_put(x, sharding)
+  return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The step functions.
+# ---------------------------------------------------------------------------------------------
+
+
 class PolicySteps:
-  """Jitted scoring, gradient and update functions for one model and optimizer."""
+  """Jitted scoring, gradient and update functions for one model and optimizer.
+
+  Without `mesh`: plain `jax.jit` on the default device (laptops, tests). With `mesh`: explicit
+  in/out shardings. `param_shardings` defaults to what `rules` give the model's logical axes
+  (pass the ones the params were created with if they differ); `opt_state_shardings` defaults to
+  `optimizer_state_shardings(...)`, which `init_optimizer` uses to create the state.
+  """
 
   def __init__(self, model_cfg: ModelConfig, loss_cfg: losses.LossConfig,
                optimizer: optax.GradientTransformation, temperature: float = 1.0,
-               trainable: Optional[Callable[[Any], Any]] = None):
+               trainable: Optional[Callable[[Any], Any]] = None, *,
+               mesh: Optional[Mesh] = None, rules: Optional[Sequence[Any]] = None,
+               param_shardings: Any = None, opt_state_shardings: Any = None):
+    del trainable  # Reserved for adapters: which params the optimizer updates.
+    self.model_cfg = model_cfg
     self.model = mllm.VisionLanguageModel(model_cfg)
     self.loss_cfg = loss_cfg
     self.loss_fn = losses.get(loss_cfg.name)
     self.optimizer = optimizer
     self.temperature = temperature
-    self._score = jax.jit(self._score_impl, static_argnames=("grid",))
-    self._grads = jax.jit(self._grads_impl, static_argnames=("grid",))
-    self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
+    self.mesh = mesh
+    self.rules = sharding_lib.normalize_rules(
+        sharding_lib.DEFAULT_RULES if rules is None else rules)
+    self.param_shardings = self.opt_state_shardings = None
+    if mesh is None:
+      self._score = jax.jit(self._score_by_grid, static_argnums=0)
+      self._grads = jax.jit(self._grads_by_grid, static_argnums=0)
+      self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
+      self._init_opt = jax.jit(optimizer.init)
+      return
+
+    boxed = mllm.abstract_params(model_cfg)
+    if param_shardings is None:
+      param_shardings = sharding_lib.logical_to_sharding(boxed, mesh, self.rules)
+    if opt_state_shardings is None:
+      opt_state_shardings = optimizer_state_shardings(optimizer, nn.meta.unbox(boxed),
+                                                      param_shardings, mesh)
+    self.param_shardings, self.opt_state_shardings = param_shardings, opt_state_shardings
+    rep = NamedSharding(mesh, PartitionSpec())
+    rows = lambda ndim, axis=0: rows_sharding(mesh, ndim, axis)
+    # pixel_values: None takes the argument's placement, chosen per shape by `shard_batch`.
+    batch_in = (rows(2), rows(2), rows(3, 1), None, rows(2), rows(2))
+    # The image grid is static and comes first (jit takes no keyword arguments with shardings).
+    self._score = jax.jit(self._score_by_grid, static_argnums=0,
+                          in_shardings=(param_shardings,) + batch_in,
+                          out_shardings=(rows(2), rows(2)))
+    self._grads = jax.jit(
+        self._grads_by_grid, static_argnums=0,
+        in_shardings=(param_shardings,) + batch_in + (rows(1), rows(2), rows(2)),
+        out_shardings=(param_shardings, rep, rep))
+    self._update = jax.jit(self._update_impl, donate_argnums=(0, 1),
+                           in_shardings=(param_shardings, opt_state_shardings, param_shardings),
+                           out_shardings=(param_shardings, opt_state_shardings, rep))
+    self._init_opt = jax.jit(optimizer.init, in_shardings=(param_shardings,),
+                             out_shardings=opt_state_shardings)
+
+  # -- placement ----------------------------------------------------------------------------
+
+  def _context(self):
+    """Traces model code under the mesh and rules, so logical constraints become shardings."""
+    if self.mesh is None:
+      return contextlib.nullcontext()
+    return sharding_lib.mesh_context(self.mesh, self.rules)
+
+  def _place_state(self, tree: Any, shardings: Any) -> Any:
+    if self.mesh is None:
+      return tree
+    return jax.tree.map(_on, tree, shardings)
+
+  def shard_batch(self, seq: SequenceBatch) -> SequenceBatch:
+    """This process's rows of a SequenceBatch -> global arrays split as the step functions take
+    them (single process: the whole batch, placed on the mesh). Returns `seq` unchanged when
+    there is no mesh or it is already placed.
+
+    Every process must feed the same number of rows with images of the same grids (the
+    pipeline's fixed `resize_to`): the jitted code is specialised on the global grid, which is the
+    local one repeated once per process-slice of the rows.
+    """
+    if self.mesh is None:
+      return seq
+    if isinstance(seq.input_ids, jax.Array) and not seq.input_ids.is_fully_addressable:
+      return seq  # Already global.
+    grid, local_rows = tuple(seq.grid), seq.input_ids.shape[0]
+    if jax.process_count() > 1:
+      digest = np.asarray([zlib.crc32(repr(grid).encode()), len(grid)], np.int64)
+      multihost_utils.assert_equal(
+          digest, "Processes hold images of different grids; every process must feed rows with "
+          "the same image sizes (set config.data.pipeline.resize_to).")
+    shardings = sequence_shardings(self.mesh, 0)
+    out = {}
+    try:
+      for name in ("input_ids", "attn_mask", "positions", "completion", "completion_mask"):
+        out[name] = _on(getattr(seq, name), getattr(shardings, name))
+    except ValueError as e:
+      parts = batch_parallelism(self.mesh)
+      raise ValueError(
+          f"{local_rows} rows (on this process) do not split over the mesh's data-like axes "
+          f"{batch_axes(self.mesh)} ({parts} devices in all). Make the rows of a micro-batch "
+          f"(prompts_per_batch * group_size / micro_batches) a multiple of {parts}, or change "
+          f"config.mesh.shape. ({e})") from e
+    factor = out["input_ids"].shape[0] // max(local_rows, 1)
+    pixels = None
+    if grid:
+      local = np.asarray(seq.pixel_values) if not isinstance(seq.pixel_values, jax.Array) \
+          else seq.pixel_values
+      patches = local.shape[0] * factor
+      target = pixel_sharding(self.mesh, patches)
+      if factor > 1 and not isinstance(local, jax.Array) and not target.spec:
+        local = multihost_utils.process_allgather(local, tiled=True)  # replicated: all patches
+      pixels = _on(local, target)
+    return SequenceBatch(out["input_ids"], out["attn_mask"], out["positions"], pixels,
+                         out["completion"], out["completion_mask"], grid * factor)
+
+  def _rows(self, x: Any, ndim: int) -> Any:
+    if self.mesh is None or x is None:
+      return x
+    return _on(x, rows_sharding(self.mesh, ndim))
+
+  # -- optimizer state ----------------------------------------------------------------------
+
+  def init_optimizer(self, params):
+    """`optimizer.init(params)`, created directly with `opt_state_shardings` on a mesh."""
+    with self._context():
+      return self._init_opt(self._place_state(params, self.param_shardings))
 
   # -- scoring (old / reference log-probs) --------------------------------------------------
 
@@ -70,9 +278,15 @@ class PolicySteps:
     return completion_scores(self.model, params, input_ids, attn_mask, positions, pixel_values,
                              completion, grid, self.temperature)
 
+  def _score_by_grid(self, grid, *args):
+    return self._score_impl(*args, grid=grid)
+
   def score(self, params, seq: SequenceBatch):
     """(logp, entropy) float32 [R, T] of the batch's completions under `params`."""
-    return self._score(params, *_array_fields(seq), grid=seq.grid)
+    seq = self.shard_batch(seq)
+    with self._context():
+      return self._score(seq.grid, self._place_state(params, self.param_shardings),
+                         *_array_fields(seq))
 
   # -- gradients ----------------------------------------------------------------------------
 
@@ -92,9 +306,17 @@ class PolicySteps:
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
     return grads, loss, metrics
 
+  def _grads_by_grid(self, grid, *args):
+    return self._grads_impl(*args, grid=grid)
+
   def grads(self, params, seq: SequenceBatch, advantages, old_logp=None, ref_logp=None):
-    return self._grads(params, *_array_fields(seq), advantages, old_logp, ref_logp,
-                       grid=seq.grid)
+    """(grads, loss, metrics) of the loss on `seq`. On a mesh, host (numpy) inputs are this
+    process's rows, as for `shard_batch`."""
+    seq = self.shard_batch(seq)
+    with self._context():
+      return self._grads(seq.grid, self._place_state(params, self.param_shardings),
+                         *_array_fields(seq), self._rows(advantages, 1),
+                         self._rows(old_logp, 2), self._rows(ref_logp, 2))
 
   # -- update -------------------------------------------------------------------------------
 
@@ -109,7 +331,10 @@ class PolicySteps:
             {"grad_norm": grad_norm, "finite": finite.astype(jnp.float32)})
 
   def apply_update(self, params, opt_state, grads):
-    return self._update(params, opt_state, grads)
+    with self._context():
+      return self._update(self._place_state(params, self.param_shardings),
+                          self._place_state(opt_state, self.opt_state_shardings),
+                          self._place_state(grads, self.param_shardings))
 
 
 def mean_trees(trees):

@@ -26,6 +26,7 @@ from jigsaw_jax import sharding as sharding_lib
 from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.rl import advantages as advantages_lib
 from jigsaw_jax.rl import losses as losses_lib
+from jigsaw_jax.rl import pretrain as pretrain_lib
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl.sequences import build_sequences, split_rows
 from jigsaw_jax.rl.steps import PolicySteps, make_optimizer, mean_trees
@@ -60,6 +61,21 @@ def optimizer_for(config):
                         o.grad_clip, o.b1, o.b2, o.eps, o.end_learning_rate)
 
 
+def params_of_run(config, run_workdir: str, like):
+  """The latest params of another run (GRPO or SFT) saved under `run_workdir`."""
+  optimizer = optimizer_for(config)
+  target = {"params": like, "opt_state": optimizer.init(like), "step": jnp.int32(0),
+            "rng": jax.random.key(0)}
+  ckpt = checkpoint_lib.Checkpointer.from_config(run_workdir, config.checkpoint)
+  restored = ckpt.restore(target)
+  ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f"config.init_from={run_workdir!r} holds no checkpoint under "
+                            f"{config.checkpoint.subdir!r}; point it at a finished run's workdir.")
+  logging.info("Starting from step %d of %s.", restored.step, run_workdir)
+  return restored.state["params"]
+
+
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Runs GRPO as `config` says; returns the final step's metrics."""
   # ----------------------------------------------------------------------------------------
@@ -85,6 +101,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                                      rules)
   rng, init_rng = jax.random.split(rng)
   params = policy_lib.initial_params(config.model, model_cfg, init_rng, param_shardings)
+  if config.pretrain.steps:
+    params = pretrain_lib.pretrain(config, model_cfg, processor, params, workdir)
+  if config.init_from:
+    params = params_of_run(config, config.init_from, params)
+  # The update donates the params' buffers, so the KL reference gets its own copy.
+  initial_params = jax.tree_util.tree_map(jnp.copy, params) if config.rl.beta else None
   optimizer = optimizer_for(config)
   opt_state = jax.jit(optimizer.init)(params)
 
@@ -114,10 +136,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     data_iter.set_state(restored.data_state)
     logging.info("Resumed from step %d.", int(state["step"]))
   # The KL reference is the initial policy; with beta = 0 it is never computed.
-  ref_params = None
-  if config.rl.beta != 0.0:
-    ref_params = params if restored is None else policy_lib.initial_params(
-        config.model, model_cfg, init_rng, param_shardings)
+  ref_params = initial_params if config.rl.beta != 0.0 else None
 
   # ----------------------------------------------------------------------------------------
   # Evaluation.

@@ -1,0 +1,31 @@
+"""Pair questions on 2x1 puzzles (with the 1x2 swap), non-thinking: the paper's Table 1 setting.
+
+  python -m jigsaw_jax.main --config=configs/jigsaw_2x1_pair.py --workdir=/ckpt/pair_2x1 \
+      --config.model.checkpoint=/models/Qwen2.5-VL-3B-Instruct \
+      --config.data.source.kind=folder --config.data.source.path=/data/coco/train2014
+  # Thinking variant (1,000 steps in the paper):
+  python -m jigsaw_jax.main --config=configs/jigsaw_2x1_pair.py:think --workdir=/ckpt/pair_think
+  # The CPU miniature:
+  python -m jigsaw_jax.main --config=configs/jigsaw_2x1_pair.py:tiny --workdir=/tmp/pair_2x1
+"""
+
+from jigsaw_jax import base_config, configlib
+
+
+def get_config(arg=None):
+  words, fields = configlib.parse_arg(arg)
+  c = base_config.base_config()
+  c.data.pipeline.puzzle.m, c.data.pipeline.puzzle.n = 2, 1
+  c.data.pipeline.puzzle.question_type = "pair"
+  c.eval.question_types = ("pair",)
+  c.eval.sizes = ("2x1", "1x2", "3x1", "4x1", "2x2")
+  if "think" in words:
+    c.data.pipeline.puzzle.think = True
+    c.eval.thinks = (True,)
+    c.total_steps = 1000
+  for preset in ("tiny", "small"):
+    if preset in words:
+      base_config.apply_cpu_preset(c, preset)
+      base_config.apply_miniature(c)
+  configlib.apply_fields(c, fields)
+  return c

@@ -1,0 +1,96 @@
+"""The CPU miniature's base model: a short supervised stage that teaches the answer FORMAT and a
+generic visual skill, but no jigsaw answer.
+
+The paper starts RL from instruct models that answer in the right format at chance accuracy. A
+random tiny policy does neither, so before GRPO the miniature trains on two tasks:
+
+* format: the jigsaw prompts of the run, answered with a uniformly random permutation drawn
+  independently of the image. The policy learns to write an m x n grid of indices, and nothing
+  about which grid is right (the target carries no information about the image).
+* rotation: "by how many degrees was this image rotated?" on images rotated by 0/90/180/270
+  (the paper's own visual pretext, its Appendix C). The vision tower learns which way is up,
+  a skill a jigsaw needs, without ever seeing a shuffled image with its answer.
+
+The result is saved once under `<workdir>/base` (Orbax) and reused when the run resumes; it is
+both GRPO's starting point and its KL reference.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+from typing import Any, Dict, List
+
+from absl import logging
+import jax
+import numpy as np
+
+from jigsaw_jax import checkpoint as checkpoint_lib
+from jigsaw_jax import data as data_lib
+from jigsaw_jax.models.processing import Processor, collate
+from jigsaw_jax.puzzles.prompts import index_grid
+from jigsaw_jax.rl import sft
+from jigsaw_jax.rl.steps import make_optimizer
+
+ROTATIONS = (0, 90, 180, 270)
+ROTATION_PROMPT = (
+    "The input image may have been rotated. By how many degrees clockwise was it rotated?\n\n"
+    "Select the correct answer from the following 4 choices:\n\n"
+    + "\n".join(f"({string.ascii_uppercase[i]}) {d} degrees" for i, d in enumerate(ROTATIONS))
+    + "\n\nDirectly output the final answer. The final answer should be a single letter.")
+
+
+def rotation_example(image: np.ndarray, rng: np.random.Generator):
+  """(rotated image, prompt, answer letter); square images keep their shape."""
+  k = int(rng.integers(len(ROTATIONS)))
+  # np.rot90 turns counter-clockwise; k clockwise quarter turns are -k of them.
+  return np.ascontiguousarray(np.rot90(image, -k)), ROTATION_PROMPT, string.ascii_uppercase[k]
+
+
+def format_example(puzzle, rng: np.random.Generator):
+  """(puzzle image, its prompt, a random grid answer independent of the image)."""
+  answer = rng.permutation(puzzle.m * puzzle.n) + 1
+  return puzzle.image, puzzle.prompt, index_grid(puzzle.m, puzzle.n, answer)
+
+
+def pretrain(config, model_cfg, processor: Processor, params, workdir: str):
+  """Returns the base params: restored from `<workdir>/base` or trained and saved there."""
+  p = config.pretrain
+  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "base"), max_to_keep=1,
+                                     async_save=False)
+  restored = ckpt.restore({"params": params})
+  if restored is not None:
+    logging.info("Loaded the pretrained base from %s.", os.path.join(workdir, "base"))
+    ckpt.close()
+    return restored.state["params"]
+
+  optimizer = make_optimizer(p.learning_rate, p.steps, p.warmup_steps, grad_clip=1.0,
+                             end_learning_rate=p.learning_rate * 0.1)
+  opt_state = optimizer.init(params)
+  steps = sft.SupervisedSteps(model_cfg, optimizer)
+  # The run's own jigsaw prompts (same sizes and swaps), from the training split.
+  data_cfg = config.data.copy_and_resolve_references()
+  with data_cfg.unlocked():
+    data_cfg.pipeline.group_size = 1
+    data_cfg.pipeline.prompts_per_batch = int(p.batch_size)
+    data_cfg.pipeline.seed = int(config.data.pipeline.seed) + 7919  # not GRPO's puzzles
+  puzzles = iter(data_lib.make_dataset(data_cfg))
+  rng = np.random.default_rng(np.random.SeedSequence([int(config.seed), 1]))
+  for step in range(1, int(p.steps) + 1):
+    batch = next(puzzles)
+    examples = []
+    for puzzle in batch["puzzle"]:
+      if rng.random() < p.rotation_fraction:
+        examples.append(rotation_example(puzzle.original, rng))
+      else:
+        examples.append(format_example(puzzle, rng))
+    prompts = collate([processor.encode_prompt(text, image) for image, text, _ in examples],
+                      processor.pad_token_id, int(config.rollout.prompt_bucket))
+    seq = sft.supervised_batch(model_cfg, processor, prompts, [a for _, _, a in examples],
+                               int(p.target_length))
+    params, opt_state, stats = steps.step(params, opt_state, seq)
+    if step % 50 == 0 or step == p.steps:
+      logging.info("pretrain step %d/%d: loss %.4f", step, p.steps, float(stats["loss"]))
+  ckpt.save(int(p.steps), {"params": params}, force=True)
+  ckpt.close()
+  return params
