@@ -30,7 +30,7 @@ from jigsaw_jax.models import rope
 from jigsaw_jax.models.config import TextConfig
 
 Array = jax.Array
-# {'layers': [{'k': [B, S, K, D], 'v': [B, S, K, D]}, ...], 'mask': bool [B, S], 'index': int32 []}
+# {'layers': [{'k': [B, K, S, D], 'v': [B, K, S, D]}, ...], 'mask': bool [B, S], 'index': int32 []}
 Cache = Dict[str, Any]
 
 
@@ -42,7 +42,7 @@ class DecoderOutput(NamedTuple):
 
 def init_cache(cfg: TextConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
   """An empty KV cache: all slots masked out, write index 0."""
-  shape = (batch_size, max_len, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch_size, cfg.num_kv_heads, max_len, cfg.head_dim)  # head-major, see layers.py
   return {
       "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
                  for _ in range(cfg.num_layers)],

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 from jigsaw_jax.models import rope
 
 Array = jax.Array
-# One layer's slice of the KV cache: {'k': [B, S, K, D], 'v': [B, S, K, D]}.
+# One layer's slice of the KV cache: {'k': [B, K, S, D], 'v': [B, K, S, D]}. Head-major, so the
+# attention einsums read it as stored: a [B, S, K, D] cache is transposed whole by XLA at every
+# decode step (measured: most of the decode time on CPU).
 LayerCache = Dict[str, Array]
 
 _INIT_STD = 0.02  # The reference's initializer_range; only matters for random (test) weights.
@@ -34,6 +36,39 @@ def constrain(x: Array, names: Tuple[str, ...]) -> Array:
 
 def partitioned(init, names: Tuple[str, ...]):
   return nn.with_logical_partitioning(init, names)
+
+
+class Projection(nn.Module):
+  """y = x . kernel (+ bias), contracting the last `contract` axes of x into `features`.
+
+  Written out instead of flax's DenseGeneral because that initialises a flattened kernel and
+  reshapes it, and under a mesh its rank-2 intermediate meets the rank-3 logical-partitioning
+  constraint of the final kernel. Parameter names and shapes are DenseGeneral's, so checkpoints
+  and the HF name map are unaffected.
+  """
+
+  features: Tuple[int, ...]
+  kernel_axes: Tuple[str, ...]  # logical names of the kernel: input axes, then feature axes
+  contract: int = 1
+  use_bias: bool = False
+  bias_axes: Tuple[str, ...] = ()
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    in_shape = x.shape[-self.contract:]
+    kernel = self.param("kernel", partitioned(nn.initializers.normal(_INIT_STD), self.kernel_axes),
+                        tuple(in_shape) + tuple(self.features), self.param_dtype)
+    letters = "abcdefgh"
+    ins, outs = letters[:self.contract], letters[self.contract:self.contract + len(self.features)]
+    y = jnp.einsum(f"...{ins},{ins}{outs}->...{outs}", x.astype(self.dtype),
+                   kernel.astype(self.dtype))
+    if self.use_bias:
+      bias = self.param("bias", partitioned(nn.initializers.zeros, self.bias_axes),
+                        tuple(self.features), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
 
 
 class RMSNorm(nn.Module):
@@ -63,9 +98,8 @@ class MLP(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    dense = lambda features, names, name: nn.DenseGeneral(
-        features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=partitioned(nn.initializers.normal(_INIT_STD), names), name=name)
+    dense = lambda features, names, name: Projection(
+        (features,), names, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
     act = {"silu": nn.silu, "gelu": nn.gelu}[self.activation]
     gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
     up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x)
@@ -76,18 +110,18 @@ class MLP(nn.Module):
 def attention_weights_xla(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
   """Grouped-query attention with an explicit softmax in float32.
 
-  q [B, T, H, D], k/v [B, S, K, D] with H a multiple of K, mask bool [B, T, S] -> [B, T, H, D].
+  q [B, T, H, D], k/v [B, K, S, D] with H a multiple of K, mask bool [B, T, S] -> [B, T, H, D].
   Masked scores take the dtype's most negative finite value (not -inf), so a row with no visible
   key (a left-padding query) averages uniformly instead of producing NaN that would leak through
   0 * NaN into later layers.
   """
   b, t, h, d = q.shape
-  kv_heads = k.shape[2]
+  kv_heads = k.shape[1]
   q = q.reshape(b, t, kv_heads, h // kv_heads, d)
-  scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.einsum("btkgd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v)
   return out.reshape(b, t, h, d)
 
 
@@ -98,6 +132,7 @@ def attention_weights_fused(q: Array, k: Array, v: Array, mask: Array, scale: fl
   float32) jax's own XLA implementation runs, so the option is always safe to set.
   """
   fused = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # to [B, S, K, D]
   return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], scale=scale,
                                       implementation="cudnn" if fused else None)
 
@@ -123,7 +158,7 @@ class Attention(nn.Module):
       cos: Array,  # [B, T, D] float32
       sin: Array,  # [B, T, D] float32
       mask: Array,  # bool [B, T, S]: query t may see key slot s
-      kv_cache: Optional[LayerCache] = None,  # {'k','v'}: [B, S, K, D]
+      kv_cache: Optional[LayerCache] = None,  # {'k','v'}: [B, K, S, D]
       cache_index: Optional[Array] = None,  # int32 scalar: slot of x[:, 0] in the cache
   ) -> Tuple[Array, Optional[LayerCache]]:
     if self.attention_impl not in ATTENTION_IMPLS:
@@ -131,23 +166,22 @@ class Attention(nn.Module):
                        f"got {self.attention_impl!r}.")
 
     def proj(heads, head_axis, name):
-      return nn.DenseGeneral(
-          (heads, self.head_dim), use_bias=self.qkv_bias, dtype=self.dtype,
-          param_dtype=self.param_dtype,
-          kernel_init=partitioned(nn.initializers.normal(_INIT_STD),
-                                  ("embed", head_axis, "head_dim")),
-          bias_init=partitioned(nn.initializers.zeros, (head_axis, "head_dim")), name=name)(x)
+      return Projection(
+          (heads, self.head_dim), ("embed", head_axis, "head_dim"), use_bias=self.qkv_bias,
+          bias_axes=(head_axis, "head_dim"), dtype=self.dtype, param_dtype=self.param_dtype,
+          name=name)(x)
 
     q = proj(self.num_heads, "q_heads", "q_proj")  # [B, T, H, D]
     k = proj(self.num_kv_heads, "kv_heads", "k_proj")  # [B, T, K, D]
     v = proj(self.num_kv_heads, "kv_heads", "v_proj")
     q = constrain(rope.apply_rope(q, cos, sin), ("activation_batch", "activation_length",
                                                  "activation_heads", "activation_head_dim"))
-    k = rope.apply_rope(k, cos, sin)
+    k = rope.apply_rope(k, cos, sin).transpose(0, 2, 1, 3)  # [B, K, T, D]
+    v = v.transpose(0, 2, 1, 3)
 
     new_cache = None
     if kv_cache is not None:
-      start = (0, cache_index, 0, 0)
+      start = (0, 0, cache_index, 0)
       k_all = jax.lax.dynamic_update_slice(kv_cache["k"], k.astype(kv_cache["k"].dtype), start)
       v_all = jax.lax.dynamic_update_slice(kv_cache["v"], v.astype(kv_cache["v"].dtype), start)
       new_cache = {"k": k_all, "v": v_all}
@@ -155,9 +189,6 @@ class Attention(nn.Module):
 
     attend = ATTENTION_IMPLS[self.attention_impl]
     out = attend(q, k, v, mask, self.head_dim ** -0.5)
-    out = nn.DenseGeneral(
-        x.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=partitioned(nn.initializers.normal(_INIT_STD),
-                                ("q_heads", "head_dim", "embed")), name="o_proj")(out)
+    out = Projection((x.shape[-1],), ("q_heads", "head_dim", "embed"), contract=2,
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="o_proj")(out)
     return out, new_cache

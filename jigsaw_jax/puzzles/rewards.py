@@ -19,7 +19,12 @@ comparison with its released checkpoints depend on it:
   exact-match flag that the paper's tables report. Total = 1.0*accuracy + 0.5*format.
 
 `score_connections` (the fraction of correctly adjacent internal edges) is the reference's
-optional grid reward, off by default as in the paper.
+optional grid reward, off by default as in the paper. Two variants sit behind flags, both off by
+default: `binary_grid` (accuracy 1 only for the exact permutation, the paper's Table 9 ablation)
+and `require_permutation` (an answer that repeats an index scores no accuracy). Without either,
+a grid like "2 2" for a 2x1 puzzle earns a certain 0.5 accuracy + 1.0 format, exactly the expected
+reward of guessing; a policy that cannot yet see the answer drifts to it (we saw this on the CPU
+miniature), which is why the miniature uses `binary_grid`.
 """
 
 from __future__ import annotations
@@ -137,7 +142,8 @@ class Score:
 
 def score_completion(completion: str, answer_type: str, solution, think: bool, m: int = 0,
                      n: int = 0, *, use_connections: bool = False,
-                     prefill_think: bool = False) -> Score:
+                     prefill_think: bool = False, binary_grid: bool = False,
+                     require_permutation: bool = False) -> Score:
   """Scores one completion against its solution.
 
   Args:
@@ -149,6 +155,8 @@ def score_completion(completion: str, answer_type: str, solution, think: bool, m
     use_connections: grid accuracy by correct adjacencies instead of positions.
     prefill_think: the prompt ended with "<think>" (base-model template), so the reference puts
       "<think>" back in front of the completion before scoring.
+    binary_grid: grid accuracy is the exact-match flag instead of the fraction of positions.
+    require_permutation: a grid that is not a permutation of 1..m*n gets accuracy 0.
   """
   output = "<think>" + completion if (think and prefill_think) else completion
   extracted = extract_answer(output, answer_type, think, m, n)
@@ -159,6 +167,10 @@ def score_completion(completion: str, answer_type: str, solution, think: bool, m
     else:
       accuracy = score_patches(extracted, solution)
     correct = float(extracted == solution)
+    if require_permutation and (extracted is None or sorted(extracted) != sorted(solution)):
+      accuracy = 0.0
+    if binary_grid:
+      accuracy = correct
   else:
     correct = float(str(extracted).lower() == str(solution).lower())
     accuracy = correct

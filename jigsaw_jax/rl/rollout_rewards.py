@@ -40,8 +40,16 @@ def decode_completions(processor: Processor, tokens: np.ndarray, mask: np.ndarra
                                           skip_special_tokens=True)
 
 
+def reward_options(config) -> Dict[str, bool]:
+  """`config.reward` as keyword arguments of `score_texts`."""
+  r = config.reward
+  return dict(use_connections=bool(r.connections), binary_grid=bool(r.binary_grid),
+              require_permutation=bool(r.require_permutation))
+
+
 def score_texts(puzzles: Sequence[Puzzle], texts: Sequence[str], group_size: int,
-                use_connections: bool = False) -> Dict[str, np.ndarray]:
+                use_connections: bool = False, binary_grid: bool = False,
+                require_permutation: bool = False) -> Dict[str, np.ndarray]:
   """Rewards of G completions per puzzle: arrays [num_puzzles, G] of accuracy, format, correct and
   total (1.0 * accuracy + 0.5 * format). Base-model prompts end inside <think>, so their
   completions are scored with the tag put back, as the reference does."""
@@ -54,7 +62,8 @@ def score_texts(puzzles: Sequence[Puzzle], texts: Sequence[str], group_size: int
       s = score_completion(texts[i * group_size + g], puzzle.answer_type, puzzle.solution,
                            puzzle.think, puzzle.m, puzzle.n,
                            prefill_think=puzzle.think and not puzzle.instruct_model,
-                           use_connections=use_connections)
+                           use_connections=use_connections, binary_grid=binary_grid,
+                           require_permutation=require_permutation)
       fields["accuracy"][i, g], fields["format"][i, g] = s.accuracy, s.format
       fields["correct"][i, g], fields["total"][i, g] = s.correct, s.total
   return fields

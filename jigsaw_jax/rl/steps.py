@@ -151,13 +151,16 @@ class PolicySteps:
   in/out shardings. `param_shardings` defaults to what `rules` give the model's logical axes
   (pass the ones the params were created with if they differ); `opt_state_shardings` defaults to
   `optimizer_state_shardings(...)`, which `init_optimizer` uses to create the state.
+  `constrain_activations=False` traces the model outside the mesh context: params and batches keep
+  their shardings and XLA's propagation alone places the activations (a debugging aid).
   """
 
   def __init__(self, model_cfg: ModelConfig, loss_cfg: losses.LossConfig,
                optimizer: optax.GradientTransformation, temperature: float = 1.0,
                trainable: Optional[Callable[[Any], Any]] = None, *,
                mesh: Optional[Mesh] = None, rules: Optional[Sequence[Any]] = None,
-               param_shardings: Any = None, opt_state_shardings: Any = None):
+               param_shardings: Any = None, opt_state_shardings: Any = None,
+               constrain_activations: bool = True):
     del trainable  # Reserved for adapters: which params the optimizer updates.
     self.model_cfg = model_cfg
     self.model = mllm.VisionLanguageModel(model_cfg)
@@ -169,6 +172,7 @@ class PolicySteps:
     self.rules = sharding_lib.normalize_rules(
         sharding_lib.DEFAULT_RULES if rules is None else rules)
     self.param_shardings = self.opt_state_shardings = None
+    self.constrain_activations = False
     if mesh is None:
       self._score = jax.jit(self._score_by_grid, static_argnums=0)
       self._grads = jax.jit(self._grads_by_grid, static_argnums=0)
@@ -183,6 +187,7 @@ class PolicySteps:
       opt_state_shardings = optimizer_state_shardings(optimizer, nn.meta.unbox(boxed),
                                                       param_shardings, mesh)
     self.param_shardings, self.opt_state_shardings = param_shardings, opt_state_shardings
+    self.constrain_activations = constrain_activations
     rep = NamedSharding(mesh, PartitionSpec())
     rows = lambda ndim, axis=0: rows_sharding(mesh, ndim, axis)
     # pixel_values: None takes the argument's placement, chosen per shape by `shard_batch`.
@@ -205,7 +210,7 @@ class PolicySteps:
 
   def _context(self):
     """Traces model code under the mesh and rules, so logical constraints become shardings."""
-    if self.mesh is None:
+    if self.mesh is None or not self.constrain_activations:
       return contextlib.nullcontext()
     return sharding_lib.mesh_context(self.mesh, self.rules)
 
@@ -229,7 +234,7 @@ class PolicySteps:
       return seq  # Already global.
     grid, local_rows = tuple(seq.grid), seq.input_ids.shape[0]
     if jax.process_count() > 1:
-      digest = np.asarray([zlib.crc32(repr(grid).encode()), len(grid)], np.int64)
+      digest = np.asarray([zlib.crc32(repr(grid).encode()) & 0x7FFFFFFF, len(grid)], np.int32)
       multihost_utils.assert_equal(
           digest, "Processes hold images of different grids; every process must feed rows with "
           "the same image sizes (set config.data.pipeline.resize_to).")

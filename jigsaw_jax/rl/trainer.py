@@ -181,7 +181,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
     with timer.phase("reward"):
       texts = rollout_rewards.decode_completions(processor, tokens, mask)
-      scores = rollout_rewards.score_texts(puzzles, texts, group)
+      scores = rollout_rewards.score_texts(puzzles, texts, group,
+                                           **rollout_rewards.reward_options(config))
       rewards = scores["total"]
       lengths = mask.sum(-1)
       if config.rl.overlong_buffer:

@@ -117,16 +117,20 @@ def train_two_steps(mesh=None, steps: int = 2, rows_of_process: Optional[tuple] 
     seq = list(split_rows(seq, count))[index]
     advantages = np.split(advantages, count)[index]
   loss_cfg = losses.LossConfig(name="grpo", beta=0.04, max_completion_length=4)
-  optimizer = make_optimizer(1e-3, total_steps=10)
+  # AdamW as the trainer builds it, except eps: 1e-6 instead of 1e-8, so that gradients at the
+  # float32 noise floor (~1e-9 here, where any two summation orders disagree) are not normalised
+  # up to full-size steps, which would make rounding noise an O(lr) difference in the params.
+  optimizer = make_optimizer(1e-3, total_steps=10, eps=1e-6)
   policy = PolicySteps(cfg, loss_cfg, optimizer, mesh=mesh)
 
-  # Created directly in their shards. (Not under the mesh context: see the note in the report
-  # about DenseGeneral's flat kernel init and rank-3 logical names.)
+  # Params created directly in their shards (the same values as on one device), then the
+  # optimizer state from them.
   module = mllm.VisionLanguageModel(cfg)
   inputs = mllm.dummy_inputs(cfg)
   grid = inputs.pop("image_grid_thw")
   init = lambda r: nn.unbox(module.init(r, **inputs, image_grid_thw=grid))
-  params = jax.jit(init, out_shardings=policy.param_shardings)(jax.random.key(0))
+  with policy._context():
+    params = jax.jit(init, out_shardings=policy.param_shardings)(jax.random.key(0))
   opt_state = policy.init_optimizer(params)
 
   gather = (lambda t: multihost_utils.process_allgather(t, tiled=True)) if \
@@ -146,8 +150,9 @@ def train_two_steps(mesh=None, steps: int = 2, rows_of_process: Optional[tuple] 
     q = params["params"]["decoder"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
     out["placement"] = {
         "mesh": dict(mesh.shape), "q_proj_kernel": spec(q),
-        "adam_mu_q_proj_kernel": spec(jax.tree.leaves(opt_state[1][0].mu["params"]["decoder"][
-            "layers_0"]["self_attn"]["q_proj"])[0]),
+        "adam_mu_q_proj_kernel": spec(opt_state[1][0].mu["params"]["decoder"]["layers_0"][
+            "self_attn"]["q_proj"]["kernel"]),
+        "activation_constraints": policy.constrain_activations,
         "ref_logp": spec(ref_logp)}
   return out
 

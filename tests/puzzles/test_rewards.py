@@ -151,3 +151,12 @@ def test_no_capital_letter_at_all_with_empty_answer():
 def test_format_reward_function_directly():
   assert format_reward("2 1", "grid", False, 2, 1) == 1.0
   assert format_reward("2 1", "grid", False, 1, 3) == 0.0
+
+
+def test_binary_and_permutation_variants_remove_the_repeated_index_payoff():
+  assert grid("2 2", solution=(2, 1)).total == 1.0  # the reference: 0.5 accuracy + 1.0 format
+  assert grid("2 2", solution=(2, 1), binary_grid=True).accuracy == 0.0
+  assert grid("2 2", solution=(2, 1), require_permutation=True).accuracy == 0.0
+  assert grid("2 1", solution=(2, 1), binary_grid=True).accuracy == 1.0
+  s = grid("1 2 3\n6 5 4", solution=(1, 2, 3, 4, 5, 6), m=2, n=3, require_permutation=True)
+  assert s.accuracy == pytest.approx(4 / 6)  # a permutation keeps its fractional credit

@@ -1,0 +1,293 @@
+"""Memory plan: per-device bytes of a GRPO run on a mesh, from compiled programs, without weights.
+
+    python -m jigsaw_jax.tools.plan --config=configs/jigsaw_3x3.py --devices=8 --mesh=1,8,1
+    python -m jigsaw_jax.tools.plan --config=configs/jigsaw_2x1.py --devices=8 --mesh=1,4,2 \
+        --preset=qwen2_5_vl_3b --micro_batches=64 --json=/tmp/plan.json
+
+For each model preset it compiles, over N simulated CPU devices and on abstract inputs
+(`jax.ShapeDtypeStruct` with shardings: nothing is allocated):
+
+- the GRPO gradient of one micro-batch (`PolicySteps` grads: vision tower, decoder, completion
+  log-probs, loss, backward) with the config's dtype, remat and micro-batch size;
+- the optimizer update (`PolicySteps` apply_update: clip + AdamW over the sharded state);
+- the rollout prefill (one row per distinct prompt, KV cache for prompt + max_new_tokens) and the
+  decode loop (G rows per prompt),
+
+and prints, per device: params, optimizer state, the KL reference copy, gradients, the compiled
+programs' temporary buffers (activations; `compiled.memory_analysis()`), the KV cache, and the
+peaks they add up to. The sequence is a prompt of `--image_tokens` (one square image) plus
+`--text_tokens`, then `config.rollout.max_new_tokens` completion tokens.
+
+The numbers come from XLA's CPU compiler. TPU and GPU compilers schedule and fuse differently
+(and CPU may widen some bfloat16 temporaries to float32), so treat temporaries as estimates
+within tens of percent; params, optimizer state and KV cache are exact.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+GIB = 1024 ** 3
+# Device memory of the accelerators users run on (per chip / GPU).
+HARDWARE = {"v5e (16 GiB)": 16, "v4 (32 GiB)": 32, "H100 (80 GiB)": 80}
+
+
+def _ensure_devices(count: int, argv: Sequence[str]) -> None:
+  """Makes the CPU backend show `count` devices: sets XLA_FLAGS before jax starts, or re-executes
+  this module when jax was already imported with other settings."""
+  flag = f"--xla_force_host_platform_device_count={count}"
+  flags = os.environ.get("XLA_FLAGS", "")
+  wanted = flag in flags.split() and os.environ.get("JAX_PLATFORMS") == "cpu"
+  if wanted:
+    return
+  kept = " ".join(f for f in flags.split() if "xla_force_host_platform_device_count" not in f)
+  env = dict(os.environ, XLA_FLAGS=f"{kept} {flag}".strip(), JAX_PLATFORMS="cpu")
+  if "jax" in sys.modules:
+    os.execve(sys.executable, [sys.executable, "-m", "jigsaw_jax.tools.plan", *argv], env)
+  os.environ.update(env)
+
+
+def _shard_bytes(abstract: Any) -> int:
+  """Bytes one device holds of a tree of ShapeDtypeStruct carrying shardings."""
+  import jax
+  import numpy as np
+  total = 0
+  for leaf in jax.tree.leaves(abstract):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.shape else ()
+    total += math.prod(shape) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  import jax
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)
+
+
+def _rows_first(tree: Any, mesh) -> Any:
+  """Shardings for outputs whose leading axis is rows (scalars replicated)."""
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec
+  from jigsaw_jax.rl import steps as steps_lib
+  return jax.tree.map(
+      lambda x: (NamedSharding(mesh, PartitionSpec()) if not x.shape else
+                 steps_lib.rows_sharding(mesh, len(x.shape))), tree)
+
+
+def _temp(compiled) -> int:
+  stats = compiled.memory_analysis()
+  return int(stats.temp_size_in_bytes) if stats is not None else -1
+
+
+def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: int,
+                rollout: bool = True, log=print) -> Dict[str, Any]:
+  """Compiles the GRPO step (and the rollout) of `preset` on `mesh`; returns per-device bytes."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec
+  from jigsaw_jax.models import mllm, presets
+  from jigsaw_jax.rl import losses
+  from jigsaw_jax.rl import steps as steps_lib
+  from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
+  from jigsaw_jax.rollout.sampling import SamplingConfig
+
+  m = config.model
+  cfg = presets.get_preset(preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=bool(m.remat),
+                           attention_impl=m.attention_impl)
+  o, rl = config.optim, config.rl
+  optimizer = steps_lib.make_optimizer(o.learning_rate, config.total_steps, o.warmup_steps,
+                                       o.weight_decay, o.grad_clip, o.b1, o.b2, o.eps,
+                                       o.end_learning_rate)
+  loss_cfg = losses.LossConfig(name=rl.loss, epsilon_low=rl.epsilon_low,
+                               epsilon_high=rl.epsilon_high, beta=rl.beta,
+                               kl_estimator=rl.kl_estimator,
+                               max_completion_length=config.rollout.max_new_tokens)
+  policy = steps_lib.PolicySteps(cfg, loss_cfg, optimizer, config.rollout.temperature,
+                                 mesh=mesh, rules=config.mesh.rules)
+  rep = NamedSharding(mesh, PartitionSpec())
+
+  # Shapes of one step.
+  prompts = int(config.data.pipeline.prompts_per_batch)
+  group = int(config.data.pipeline.group_size)
+  micro = int(rl.micro_batches)
+  rows = prompts * group // micro
+  side = 2 * math.isqrt(image_tokens)  # patches per side of a square image, merge 2x2
+  if side * side != 4 * image_tokens:
+    raise ValueError(f"--image_tokens={image_tokens} must be a square number (one square image).")
+  v = cfg.vision
+  patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+  new_tokens = int(config.rollout.max_new_tokens)
+  prompt_len = image_tokens + text_tokens + 2  # + <|vision_start|>, <|vision_end|>
+  length = prompt_len + new_tokens
+  parts = steps_lib.batch_parallelism(mesh)
+  for what, n in (("rows of a micro-batch", rows), ("prompts of a rollout", prompts)):
+    if n % parts:
+      raise ValueError(f"{n} {what} do not split over the {parts} data-parallel devices of mesh "
+                       f"{dict(mesh.shape)}; change --micro_batches or the mesh.")
+
+  params = _abstract(nn.meta.unbox(mllm.abstract_params(cfg)), policy.param_shardings)
+  opt_state = _abstract(jax.eval_shape(optimizer.init, params), policy.opt_state_shardings)
+  row = lambda shape, dtype, axis=0: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=steps_lib.rows_sharding(mesh, len(shape), axis))
+
+  def pixels(images: int):
+    n = images * side * side
+    return jax.ShapeDtypeStruct((n, patch_dim), jnp.float32,
+                                sharding=steps_lib.pixel_sharding(mesh, n))
+
+  out: Dict[str, Any] = dict(
+      preset=preset, mesh="(" + ",".join(str(s) for s in mesh.devices.shape) + ")",
+      devices=mesh.size, rows_per_micro_batch=rows, rows_per_device=rows // parts,
+      micro_batches=micro, sequence=length, params=_shard_bytes(params),
+      opt_state=_shard_bytes(opt_state), ref_params=_shard_bytes(params) if rl.beta else 0,
+      grads=_shard_bytes(params))
+
+  # GRPO gradient of one micro-batch.
+  grid = ((1, side, side),) * rows
+  batch = (row((rows, length), jnp.int32), row((rows, length), jnp.int32),
+           row((3, rows, length), jnp.int32, 1), pixels(rows),
+           row((rows, new_tokens), jnp.int32), row((rows, new_tokens), jnp.float32))
+  extra = (row((rows,), jnp.float32), None,
+           row((rows, new_tokens), jnp.float32) if rl.beta else None)
+  start = time.time()
+  with policy._context():
+    compiled = policy._grads.lower(grid, params, *batch, *extra).compile()
+  out["grads_temp"] = _temp(compiled)
+  log(f"  {preset} grads compiled in {time.time() - start:.0f} s")
+  start = time.time()
+  with policy._context():
+    compiled = policy._update.lower(params, opt_state, params).compile()
+  out["update_temp"] = _temp(compiled)
+  log(f"  {preset} update compiled in {time.time() - start:.0f} s")
+
+  if rollout:
+    sampler = Sampler(cfg, RolloutConfig(
+        max_new_tokens=new_tokens, group_size=group,
+        sampling=SamplingConfig(temperature=config.rollout.temperature,
+                                top_k=config.rollout.top_k, top_p=config.rollout.top_p),
+        eos_ids=(0,), pad_id=0))
+    prompt_grid = ((1, side, side),) * prompts
+    prefill_in = (params, row((prompts, prompt_len), jnp.int32),
+                  row((3, prompts, prompt_len), jnp.int32, 1),
+                  row((prompts, prompt_len), jnp.int32), pixels(prompts))
+    prefill_fn = lambda p, ids, pos, mask, pix: sampler._prefill_impl(
+        p, ids, pos, mask, pix, grid=prompt_grid, cache_len=length)
+    with policy._context():
+      shapes = jax.eval_shape(prefill_fn, *prefill_in)
+      prefill = jax.jit(prefill_fn, out_shardings=_rows_first(shapes, mesh))
+      start = time.time()
+      compiled = prefill.lower(*prefill_in).compile()
+    out["prefill_temp"] = _temp(compiled)
+    log(f"  {preset} prefill compiled in {time.time() - start:.0f} s")
+    # Decode: the cache repeated G times along the rows (Sampler.generate does it between).
+    total = prompts * group
+    repeat = lambda x: jax.ShapeDtypeStruct((total,) + x.shape[1:], x.dtype) if x.shape else x
+    logits, cache = jax.tree.map(repeat, shapes)
+    logits, cache = _abstract((logits, cache), _rows_first((logits, cache), mesh))
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    decode_in = (params, logits, cache, row((total,), jnp.int32),
+                 jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
+    with policy._context():
+      decode_shapes = jax.eval_shape(sampler._decode_impl, *decode_in)
+      decode = jax.jit(sampler._decode_impl, donate_argnums=(2,),
+                       out_shardings=_rows_first(decode_shapes, mesh))
+      start = time.time()
+      compiled = decode.lower(*decode_in).compile()
+    out["decode_temp"] = _temp(compiled)
+    out["kv_cache"] = _shard_bytes(cache)
+    out["rollout_rows_per_device"] = total // parts
+    log(f"  {preset} decode compiled in {time.time() - start:.0f} s")
+
+  resident = out["params"] + out["opt_state"] + out["ref_params"]
+  accumulator = out["grads"] if micro > 1 else 0
+  out["train_peak"] = resident + max(out["grads"] + accumulator + out["grads_temp"],
+                                     out["grads"] + out["update_temp"])
+  if rollout:
+    out["rollout_peak"] = resident + out["kv_cache"] + max(out["prefill_temp"],
+                                                          out["decode_temp"])
+  return out
+
+
+COLUMNS = [("preset", "preset"), ("mesh", "mesh (d,f,t)"), ("micro_batches", "micro"),
+           ("rows_per_device", "rows/dev"), ("params", "params"), ("opt_state", "Adam"),
+           ("ref_params", "KL ref"), ("grads", "grads"), ("grads_temp", "step act."),
+           ("update_temp", "update tmp"), ("kv_cache", "KV cache"),
+           ("prefill_temp", "prefill tmp"), ("decode_temp", "decode tmp"),
+           ("train_peak", "train peak"), ("rollout_peak", "rollout peak")]
+
+
+def format_table(results: List[Dict[str, Any]]) -> str:
+  """A markdown table, sizes in GiB per device, and which accelerators hold the larger peak."""
+  header = [title for _, title in COLUMNS] + ["fits"]
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  for r in results:
+    cells = []
+    for key, _ in COLUMNS:
+      value = r.get(key, "")
+      if key in ("preset", "mesh", "micro_batches", "rows_per_device") or value == "":
+        cells.append(str(value))
+      else:
+        cells.append(f"{value / GIB:.2f}")
+    peak = max(r["train_peak"], r.get("rollout_peak", 0)) / GIB
+    fits = [name for name, gib in HARDWARE.items() if peak <= gib * 0.95]
+    cells.append(", ".join(fits) if fits else "none")
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--config", required=True, help="config file[:args], as for main.py")
+  parser.add_argument("--devices", type=int, default=8, help="simulated devices")
+  parser.add_argument("--mesh", default=None,
+                      help="data,fsdp,tensor (-1 fills); default: the config's mesh.shape")
+  parser.add_argument("--preset", action="append", default=None,
+                      help="model preset (repeatable); default: qwen2_5_vl_3b and qwen2_5_vl_7b")
+  parser.add_argument("--micro_batches", type=int, default=None,
+                      help="override config.rl.micro_batches")
+  parser.add_argument("--image_tokens", type=int, default=400,
+                      help="merged image tokens of the prompt's one (square) image")
+  parser.add_argument("--text_tokens", type=int, default=200, help="text tokens of the prompt")
+  parser.add_argument("--no_rollout", action="store_true", help="skip prefill/decode")
+  parser.add_argument("--json", default=None, help="also write the results here")
+  args = parser.parse_args(argv)
+
+  _ensure_devices(args.devices, argv)
+  import jax
+  from jigsaw_jax import configlib
+  from jigsaw_jax import sharding as sharding_lib
+
+  config = configlib.load_config_file(args.config)
+  if args.micro_batches:
+    config.rl.micro_batches = args.micro_batches
+  shape = (tuple(int(s) for s in args.mesh.split(",")) if args.mesh
+           else tuple(config.mesh.shape))
+  mesh = sharding_lib.make_mesh(shape)
+  presets = args.preset or ["qwen2_5_vl_3b", "qwen2_5_vl_7b"]
+  print(f"Planning {presets} on mesh {dict(mesh.shape)} ({jax.device_count()} simulated "
+        f"devices), dtype {config.model.dtype}, remat {config.model.remat}.", flush=True)
+  results = []
+  for preset in presets:
+    results.append(plan_preset(config, preset, mesh, image_tokens=args.image_tokens,
+                               text_tokens=args.text_tokens, rollout=not args.no_rollout,
+                               log=lambda s: print(s, flush=True)))
+  print(format_table(results))
+  print("GiB per device. train peak = params + Adam + KL ref + grads (x2 when accumulating "
+        "micro-batches) + step activations; rollout peak = params + Adam + KL ref + KV cache + "
+        "the larger prefill/decode temporaries. 'fits' allows 5% headroom.")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
