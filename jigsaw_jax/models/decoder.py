@@ -38,6 +38,8 @@ class DecoderOutput(NamedTuple):
   logits: Optional[Array]  # float32 [B, L, V] (or [B, 1, V] with last_logits_only)
   hidden: Optional[Array]  # [B, L, E]: final hidden states after the last norm, on request
   cache: Optional[Cache]  # the updated cache when one was passed in
+  # [B, L, E]: the residual stream entering layer `tap_layer` (before its norm), on request.
+  tapped: Optional[Array] = None
 
 
 def init_cache(cfg: TextConfig, batch_size: int, max_len: int, dtype: Any = jnp.float32) -> Cache:
@@ -152,7 +154,13 @@ class TextDecoder(nn.Module):
       return_hidden: bool = False,
       return_logits: bool = True,
       last_logits_only: bool = False,
+      tap_layer: Optional[int] = None,
+      first_layer: int = 0,
   ) -> DecoderOutput:
+    """Runs layers `first_layer`... to the end (a later start takes `inputs` as that layer's input
+    residual stream: FastMem reruns only the last layers on a cached trunk); `tap_layer` also
+    returns the residual stream entering that layer (num_layers: after the last one, before the
+    final norm), which Proxy-RLHF reads."""
     cfg = self.cfg
     x = self.embed(inputs) if jnp.issubdtype(inputs.dtype, jnp.integer) else inputs
     x = layers.constrain(x.astype(layers.as_dtype(self.dtype)),
@@ -163,9 +171,17 @@ class TextDecoder(nn.Module):
     mask, key_valid = visibility_mask(attn_mask, cache)
     index = None if cache is None else cache["index"]
     new_layers: List[layers.LayerCache] = []
+    tapped = None
     for i, layer in enumerate(self.layers):
+      if i == tap_layer:
+        tapped = x
+      if i < first_layer:
+        new_layers.append(None if cache is None else cache["layers"][i])
+        continue
       x, kv = layer(x, cos, sin, mask, None if cache is None else cache["layers"][i], index)
       new_layers.append(kv)
+    if tap_layer == len(self.layers):
+      tapped = x
     hidden = self.norm(x)
     new_cache = None
     if cache is not None:
@@ -174,4 +190,4 @@ class TextDecoder(nn.Module):
     logits = None
     if return_logits:
       logits = self.logits(hidden[:, -1:] if last_logits_only else hidden)
-    return DecoderOutput(logits, hidden if return_hidden else None, new_cache)
+    return DecoderOutput(logits, hidden if return_hidden else None, new_cache, tapped)

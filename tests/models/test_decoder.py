@@ -168,3 +168,23 @@ def test_bad_configs_are_refused():
   with pytest.raises(ValueError, match="multiple of num_kv_heads"):
     decoder_lib.TextDecoder(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32),
                                       jnp.zeros((1, 1), jnp.int32), jnp.ones((1, 1)))
+
+
+def test_tap_and_first_layer_split_the_stack_exactly():
+  """Running the first k layers, then the rest from the tapped stream, equals one pass."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jigsaw_jax.models.config import TextConfig
+  from jigsaw_jax.models.decoder import TextDecoder
+  cfg = TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=3, num_heads=4,
+                   num_kv_heads=2, head_dim=8, mrope_section=None, qkv_bias=False)
+  model = TextDecoder(cfg)
+  ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 7)))
+  pos = jnp.broadcast_to(jnp.arange(7), (2, 7))
+  mask = jnp.ones((2, 7), jnp.int32)
+  params = model.init(jax.random.key(0), ids, pos, mask)
+  full = model.apply(params, ids, pos, mask, tap_layer=2)
+  rest = model.apply(params, full.tapped, pos, mask, first_layer=2)
+  np.testing.assert_allclose(rest.logits, full.logits, atol=1e-6)
+  assert model.apply(params, ids, pos, mask, tap_layer=3).tapped.shape == (2, 7, 32)
