@@ -61,6 +61,13 @@ def base_config() -> ml_collections.ConfigDict:
       sizes=("2x1", "3x1", "4x1", "2x2"), question_types=("full",), thinks=(False,),
       num_puzzles=1000, seed=0, shuffle_mn=False, max_new_tokens=512, batch_size=32, prompt_bucket=64,
       every_steps=0, at_start=True, at_end=True))
+  # FastMem (jigsaw_jax/fastmem.py): before answering each puzzle, a few AdamW steps on the
+  # likelihood of its prompt text (as an assistant turn), training only the last `layers` FFNs;
+  # the paper's QA setting (lr 1e-5, 10 steps, KL weight 0.1). cd_alpha > 0 (paper: 0.5) decodes
+  # (1 + a) z_mem - a z_orig (FastMem+CD).
+  c.eval.fastmem = ml_collections.ConfigDict(dict(
+      enabled=False, learning_rate=1e-5, steps=10, kl_weight=0.1, layers=1, cd_alpha=0.0,
+      weight_decay=0.01, grad_clip=1.0, max_tokens=8192))
 
   c.checkpoint = ml_collections.ConfigDict(dict(
       subdir="checkpoints", save_every_steps=200, max_to_keep=3, async_save=True))
@@ -78,6 +85,17 @@ def base_config() -> ml_collections.ConfigDict:
       samples_per_prompt=8, target_length=16))
   # Evaluation of a finished run (task="eval"): which checkpoint to restore.
   c.restore = ml_collections.ConfigDict(dict(workdir="", step=0, from_checkpoint=True))
+
+  # Trainable adapters on the frozen policy (jigsaw_jax/models/adapters): kind none | lora |
+  # moe_lora | graph_moe. Only adapter parameters train and are checkpointed; the base comes from
+  # model.preset/checkpoint (and pretrain / init_from) on every start.
+  c.adapter = ml_collections.ConfigDict(dict(
+      kind="none", rank=8, alpha=16.0, dropout=0.0,
+      targets="q_proj|v_proj|gate_proj|up_proj|down_proj",  # regex over projection paths
+      experts=4, top_k=2, expert_rank=0,  # expert_rank 0: same as rank
+      attention_experts=False,  # MoE kinds: experts (not plain LoRA) on attention targets
+      steps=2, combine="concat_proj", expert_input="token",  # GraphMoE's rethinking loop
+      balance_coef=0.01, router_init_std=0.02))
 
   # A supervised stage before RL (the CPU miniature's base model); 0 steps: none.
   c.pretrain = ml_collections.ConfigDict(dict(
@@ -115,13 +133,22 @@ def apply_miniature(c: ml_collections.ConfigDict) -> None:
   Learning rates and KL are much larger than the paper's because the policy is tiny and starts
   from a short pretraining stage instead of a 3B instruct model (see jigsaw_jax/rl/pretrain.py).
   """
-  c.total_steps = 150
-  c.optim.learning_rate = 3e-4
-  c.optim.end_learning_rate = 3e-5
+  c.total_steps = 300
+  c.model.preset = "tiny_jigsaw"  # no patch merging: the 2x1 seam falls inside a patch
+  c.data.source.image_size = c.data.pipeline.resize_to = (98, 98)
+  # Crops flat enough to hide the seam (bokeh, night sky) are redrawn; the starfield photo is a
+  # texture with no up or down, on which a 2x1 jigsaw has no visible answer.
+  c.data.source.min_detail = 8.0
+  c.data.source.photos = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left",
+                          "motorcycle_right", "retina", "immunohistochemistry", "china",
+                          "flower", "grace_hopper")
+  c.optim.learning_rate = 1e-4
+  c.optim.end_learning_rate = 1e-5
   c.optim.warmup_steps = 10
   c.rl.beta = 0.0
   # Fractional grid accuracy without a permutation check pays "2 2" a sure 0.5: a policy that does
   # not yet see the answer drifts there. Binary accuracy (paper Table 9) has no such fixed point.
   c.reward.binary_grid = True
   c.eval.sizes = ("2x1", "1x2", "3x1")
+  c.eval.every_steps = 100
   c.pretrain.steps = 300

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from jigsaw_jax import data as data_lib
+from jigsaw_jax import fastmem as fastmem_lib
 from jigsaw_jax.models.processing import Processor, collate
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
@@ -78,26 +79,49 @@ class Evaluator:
             model_cfg.image_token_id, model_cfg.video_token_id, model_cfg.vision_start_token_id,
             model_cfg.vision_end_token_id)), eos_ids=tuple(eos_ids),
         pad_id=processor.pad_token_id))
+    # FastMem (config.eval.fastmem): memorise each puzzle's prompt text, then answer it greedily.
+    fastmem_cfg = eval_cfg.get("fastmem")
+    self.fastmem = None
+    if fastmem_cfg is not None and fastmem_cfg.enabled:
+      self.fastmem = fastmem_lib.FastMem(
+          model_cfg, processor.tokenizer, fastmem_lib.FastMemConfig.from_config(fastmem_cfg),
+          max_new_tokens=int(eval_cfg.max_new_tokens), eos_ids=eos_ids,
+          pad_id=processor.pad_token_id, suppress_ids=self.sampler.cfg.sampling.suppress_ids,
+          bucket=int(eval_cfg.prompt_bucket))
+    self.decoding = ("greedy" if self.fastmem is None else
+                     "fastmem+cd" if self.fastmem.fm.cd_alpha > 0 else "fastmem")
+
+  def _fastmem_texts(self, params, puzzles, encoded) -> List[str]:
+    """One puzzle at a time: each answer gets weights memorised on its own prompt text."""
+    tokens = []
+    for puzzle, prompt in zip(puzzles, encoded):
+      (adapted,), _ = self.fastmem.memorize(params, puzzle.prompt)
+      tokens += self.fastmem.decode(adapted, params, [prompt])
+    return self.processor.tokenizer.batch_decode(tokens, skip_special_tokens=True)
 
   def __call__(self, params, step: int) -> tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
     """(records, samples): one record per test set, and every scored completion."""
     records, samples = [], []
     batch_size = int(self.eval_cfg.batch_size)
     for spec, puzzles, encoded in self.sets:
-      texts = []
-      for start in range(0, len(puzzles), batch_size):
-        chunk = encoded[start:start + batch_size]
-        chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed shape: pad the last batch
-        batch = collate(chunk, self.processor.pad_token_id,
-                                        int(self.eval_cfg.prompt_bucket))
-        out = self.sampler.generate(params, batch, jax.random.key(0))
-        texts += rollout_rewards.decode_completions(self.processor, out.tokens, out.mask)
+      if self.fastmem is not None:
+        texts = self._fastmem_texts(params, puzzles, encoded)
+      else:
+        texts = []
+        for start in range(0, len(puzzles), batch_size):
+          chunk = encoded[start:start + batch_size]
+          chunk = chunk + [chunk[-1]] * (batch_size - len(chunk))  # fixed shape: pad the last batch
+          batch = collate(chunk, self.processor.pad_token_id,
+                                          int(self.eval_cfg.prompt_bucket))
+          out = self.sampler.generate(params, batch, jax.random.key(0))
+          texts += rollout_rewards.decode_completions(self.processor, out.tokens, out.mask)
       texts = texts[:len(puzzles)]
       scores = rollout_rewards.score_texts(puzzles, texts, 1)
       tokens = [len(self.processor.tokenizer(t, add_special_tokens=False)["input_ids"])
                 for t in texts]
       records.append(dict(
-          spec, step=int(step), accuracy=float(scores["correct"].mean()),
+          spec, step=int(step), decoding=self.decoding,
+          accuracy=float(scores["correct"].mean()),
           score=float(scores["accuracy"].mean()), format_rate=float(scores["format"].mean()),
           mean_length=float(np.mean([len(t) for t in texts])), mean_tokens=float(np.mean(tokens)),
           n=len(puzzles)))
@@ -114,7 +138,8 @@ def append_records(workdir: str, records: List[Dict[str, Any]]) -> List[Dict[str
   """Adds records to eval.json (replacing any of the same set and step) and rewrites the reports."""
   path = os.path.join(workdir, "eval.json")
   existing = json.load(open(path)) if os.path.exists(path) else []
-  key = lambda r: (r["size"], r["question_type"], r["think"], r["step"])
+  key = lambda r: (r["size"], r["question_type"], r["think"], r["step"],
+                   r.get("decoding", "greedy"))
   new_keys = {key(r) for r in records}
   merged = [r for r in existing if key(r) not in new_keys] + list(records)
   merged.sort(key=lambda r: (r["step"], r["question_type"], r["think"], r["size"]))
@@ -127,10 +152,11 @@ def append_records(workdir: str, records: List[Dict[str, Any]]) -> List[Dict[str
 
 
 def write_markdown(path: str, records: List[Dict[str, Any]]) -> None:
-  lines = ["| step | question | think | size | accuracy | score | format | mean length | n |",
-           "|---|---|---|---|---|---|---|---|---|"]
+  lines = ["| step | decoding | question | think | size | accuracy | score | format | mean length "
+           "| n |", "|---|---|---|---|---|---|---|---|---|---|"]
   for r in records:
-    lines.append(f"| {r['step']} | {r['question_type']} | {r['think']} | {r['size']} | "
+    lines.append(f"| {r['step']} | {r.get('decoding', 'greedy')} | {r['question_type']} | "
+                 f"{r['think']} | {r['size']} | "
                  f"{100 * r['accuracy']:.1f} | {r['score']:.3f} | {100 * r['format_rate']:.1f} | "
                  f"{r['mean_length']:.1f} | {r['n']} |")
   with open(path, "w") as f:
@@ -146,13 +172,14 @@ def write_chart(path: str, records: List[Dict[str, Any]]) -> None:
   for ax, (question_type, think) in zip(axes[0], groups):
     rows = [r for r in records if (r["question_type"], r["think"]) == (question_type, think)]
     sizes = list(dict.fromkeys(r["size"] for r in rows))
-    steps = sorted({r["step"] for r in rows})
-    width = 0.8 / max(len(steps), 1)
-    for i, step in enumerate(steps):
-      values = [next((100 * r["accuracy"] for r in rows if r["size"] == s and r["step"] == step),
-                     0.0) for s in sizes]
-      ax.bar(np.arange(len(sizes)) + i * width, values, width, label=f"step {step}")
-    ax.set_xticks(np.arange(len(sizes)) + width * (len(steps) - 1) / 2, sizes)
+    runs = sorted({(r["step"], r.get("decoding", "greedy")) for r in rows})  # a bar per run
+    width = 0.8 / max(len(runs), 1)
+    for i, (step, decoding) in enumerate(runs):
+      values = [next((100 * r["accuracy"] for r in rows if r["size"] == s and r["step"] == step
+                      and r.get("decoding", "greedy") == decoding), 0.0) for s in sizes]
+      label = f"step {step}" + ("" if decoding == "greedy" else f" {decoding}")
+      ax.bar(np.arange(len(sizes)) + i * width, values, width, label=label)
+    ax.set_xticks(np.arange(len(sizes)) + width * (len(runs) - 1) / 2, sizes)
     ax.set_ylim(0, 100)
     ax.set_ylabel("exact-match accuracy (%)")
     ax.set_title(f"{question_type}, {'thinking' if think else 'non-thinking'}")

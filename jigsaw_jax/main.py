@@ -25,6 +25,7 @@ TASKS = {
     "grpo": "jigsaw_jax.rl.trainer:train_and_evaluate",
     "sft": "jigsaw_jax.rl.sft:train",
     "eval": "jigsaw_jax.evaluate:run",
+    "proxy": "jigsaw_jax.rl.proxy_trainer:train",
 }
 
 

@@ -22,6 +22,7 @@ or on the command line: `--config.data.source.kind=procedural --config.data.pipe
     test_fraction:  share of each photo's longer side reserved for the test split.
     hflip:          flip half of the crops left-right.
     photos:         names of the photos to use (None: all twelve; see bundled.PHOTO_NAMES).
+    min_detail:     redraw crops flatter than this mean neighbour difference (0: keep all).
   folder only:
     path:           the folder, searched recursively for extensions.
     file_list:      optional JSON list of paths (relative to path, or absolute), like the
@@ -75,6 +76,7 @@ def source_config() -> ml_collections.ConfigDict:
       "test_fraction": 0.2,
       "hflip": True,
       "photos": ml_collections.FieldReference(None, field_type=tuple),
+      "min_detail": 0.0,
       # folder
       "path": "",
       "file_list": "",

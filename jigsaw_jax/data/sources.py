@@ -23,7 +23,8 @@ def make_image_source(
   if kind == "bundled":
     return BundledSource(
         split=c["split"], image_size=c["image_size"], seed=c["seed"], min_scale=c["min_scale"],
-        test_fraction=c["test_fraction"], hflip=c["hflip"], photos=c["photos"])
+        test_fraction=c["test_fraction"], hflip=c["hflip"], photos=c["photos"],
+        min_detail=c["min_detail"])
   if kind == "procedural":
     return ProceduralSource(split=c["split"], image_size=c["image_size"], seed=c["seed"])
   if kind == "folder":

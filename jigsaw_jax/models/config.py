@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
+from jigsaw_jax.models.adapters import AdapterConfig
+
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -70,3 +72,5 @@ class ModelConfig:
   remat: bool = False
   # "xla": plain einsum attention; "cudnn": jax.nn.dot_product_attention (fused kernel on GPU).
   attention_impl: str = "xla"
+  # Trainable adapters on the text decoder (LoRA / MoE-LoRA / GraphMoE); None: the plain model.
+  adapter: Optional[AdapterConfig] = None

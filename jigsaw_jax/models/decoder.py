@@ -78,18 +78,20 @@ class DecoderLayer(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   attention_impl: str = "xla"
+  adapter: Any = None  # AdapterConfig (jigsaw_jax/models/adapters) or None
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None):
+  def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None, adapters_enabled=True):
     cfg = self.cfg
     norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
     h, kv_cache = layers.Attention(
         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias, self.attention_impl,
-        self.dtype, self.param_dtype, name="self_attn")(
-            norm("input_layernorm")(x), cos, sin, mask, kv_cache, cache_index)
+        self.dtype, self.param_dtype, self.adapter, name="self_attn")(
+            norm("input_layernorm")(x), cos, sin, mask, kv_cache, cache_index, adapters_enabled)
     x = x + h
     x = x + layers.MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, self.dtype,
-                       self.param_dtype, name="mlp")(norm("post_attention_layernorm")(x))
+                       self.param_dtype, self.adapter, name="mlp")(
+                           norm("post_attention_layernorm")(x), adapters_enabled)
     x = layers.constrain(x, ("activation_batch", "activation_length", "activation_embed"))
     return x, kv_cache
 
@@ -102,6 +104,8 @@ class TextDecoder(nn.Module):
     dtype / param_dtype: compute and storage dtypes ('float32', 'bfloat16').
     remat: rematerialise each layer in the backward pass.
     attention_impl: 'xla' (einsum, softmax in float32) or 'cudnn' (jax.nn.dot_product_attention).
+    adapter: an AdapterConfig: trainable LoRA / MoE-LoRA / GraphMoE in the 'adapter' collection,
+      applied unless a call passes `adapters_enabled=False` (jigsaw_jax/models/adapters).
   """
 
   cfg: TextConfig
@@ -109,6 +113,7 @@ class TextDecoder(nn.Module):
   param_dtype: Any = "float32"
   remat: bool = False
   attention_impl: str = "xla"
+  adapter: Any = None
 
   def setup(self):
     cfg = self.cfg
@@ -120,9 +125,10 @@ class TextDecoder(nn.Module):
     self.embed_tokens = nn.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
         embedding_init=layers.partitioned(init, ("vocab", "embed")))
-    layer_cls = nn.remat(DecoderLayer) if self.remat else DecoderLayer
+    # adapters_enabled (argument 7, counting self) is a Python bool: static under remat.
+    layer_cls = nn.remat(DecoderLayer, static_argnums=(7,)) if self.remat else DecoderLayer
     self.layers = [
-        layer_cls(cfg, dtype, param_dtype, self.attention_impl, name=f"layers_{i}")
+        layer_cls(cfg, dtype, param_dtype, self.attention_impl, self.adapter, name=f"layers_{i}")
         for i in range(cfg.num_layers)]
     self.norm = layers.RMSNorm(cfg.rms_norm_eps, dtype, param_dtype)
     if not cfg.tie_word_embeddings:
@@ -156,11 +162,13 @@ class TextDecoder(nn.Module):
       last_logits_only: bool = False,
       tap_layer: Optional[int] = None,
       first_layer: int = 0,
+      adapters_enabled: bool = True,
   ) -> DecoderOutput:
     """Runs layers `first_layer`... to the end (a later start takes `inputs` as that layer's input
     residual stream: FastMem reruns only the last layers on a cached trunk); `tap_layer` also
     returns the residual stream entering that layer (num_layers: after the last one, before the
-    final norm), which Proxy-RLHF reads."""
+    final norm), which Proxy-RLHF reads. `adapters_enabled=False` runs the base model alone (the
+    KL reference of adapter training) with the same variables."""
     cfg = self.cfg
     x = self.embed(inputs) if jnp.issubdtype(inputs.dtype, jnp.integer) else inputs
     x = layers.constrain(x.astype(layers.as_dtype(self.dtype)),
@@ -178,7 +186,8 @@ class TextDecoder(nn.Module):
       if i < first_layer:
         new_layers.append(None if cache is None else cache["layers"][i])
         continue
-      x, kv = layer(x, cos, sin, mask, None if cache is None else cache["layers"][i], index)
+      x, kv = layer(x, cos, sin, mask, None if cache is None else cache["layers"][i], index,
+                    adapters_enabled)
       new_layers.append(kv)
     if tap_layer == len(self.layers):
       tapped = x

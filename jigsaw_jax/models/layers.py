@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jigsaw_jax.models import adapters as adapters_lib
 from jigsaw_jax.models import rope
 
 Array = jax.Array
@@ -45,6 +46,10 @@ class Projection(nn.Module):
   reshapes it, and under a mesh its rank-2 intermediate meets the rank-3 logical-partitioning
   constraint of the final kernel. Parameter names and shapes are DenseGeneral's, so checkpoints
   and the HF name map are unaffected.
+
+  `adapter_mode` ('lora' or 'experts', with `adapter` the AdapterConfig) adds a trainable delta
+  from the 'adapter' collection (jigsaw_jax/models/adapters), skipped when the call passes
+  `adapters_enabled=False`.
   """
 
   features: Tuple[int, ...]
@@ -54,9 +59,11 @@ class Projection(nn.Module):
   bias_axes: Tuple[str, ...] = ()
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  adapter: Any = None  # AdapterConfig
+  adapter_mode: Optional[str] = None  # None | 'lora' | 'experts'
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
+  def __call__(self, x: Array, adapters_enabled: bool = True) -> Array:
     in_shape = x.shape[-self.contract:]
     kernel = self.param("kernel", partitioned(nn.initializers.normal(_INIT_STD), self.kernel_axes),
                         tuple(in_shape) + tuple(self.features), self.param_dtype)
@@ -68,7 +75,21 @@ class Projection(nn.Module):
       bias = self.param("bias", partitioned(nn.initializers.zeros, self.bias_axes),
                         tuple(self.features), self.param_dtype)
       y = y + bias.astype(self.dtype)
+    if self.adapter_mode is not None and adapters_enabled:
+      y = y + self._adapter_delta(x)
     return y
+
+  def _adapter_delta(self, x: Array) -> Array:
+    axes = dict(features=tuple(self.features), in_axes=tuple(self.kernel_axes[:self.contract]),
+                out_axes=tuple(self.kernel_axes[self.contract:]), dtype=self.dtype,
+                param_dtype=self.param_dtype)
+    if self.adapter_mode == "lora":
+      a = self.adapter
+      return adapters_lib.lora.LoRA(rank=a.rank, alpha=a.alpha, dropout_rate=a.dropout,
+                                    name="lora", **axes)(x)
+    if self.adapter_mode == "experts":
+      return adapters_lib.moe_lora.ProjectionExperts(cfg=self.adapter, name="experts", **axes)(x)
+    raise ValueError(f"adapter_mode must be None, 'lora' or 'experts', got {self.adapter_mode!r}.")
 
 
 class RMSNorm(nn.Module):
@@ -88,23 +109,41 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-  """SwiGLU feed-forward: down(act(gate(x)) * up(x))."""
+  """SwiGLU feed-forward: down(act(gate(x)) * up(x)).
+
+  With an expert adapter (MoE-LoRA, GraphMoE) the block is the adapter's `moe` module, which
+  runs these frozen projections inside its routed experts; with LoRA, each targeted projection
+  carries its own.
+  """
 
   hidden_size: int
   intermediate_size: int
   activation: str = "silu"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  adapter: Any = None  # AdapterConfig
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    dense = lambda features, names, name: Projection(
-        (features,), names, dtype=self.dtype, param_dtype=self.param_dtype, name=name)
+  def __call__(self, x: Array, adapters_enabled: bool = True) -> Array:
+    def dense(features, names, name):
+      mode = adapters_lib.projection_adapter(self.adapter, self.path + (name,), in_ffn=True)
+      return Projection((features,), names, dtype=self.dtype, param_dtype=self.param_dtype,
+                        adapter=self.adapter, adapter_mode=mode, name=name)
+
     act = {"silu": nn.silu, "gelu": nn.gelu}[self.activation]
-    gate = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")(x)
-    up = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")(x)
+    gate_proj = dense(self.intermediate_size, ("embed", "mlp"), "gate_proj")
+    up_proj = dense(self.intermediate_size, ("embed", "mlp"), "up_proj")
+    down_proj = dense(self.hidden_size, ("mlp", "embed"), "down_proj")
+    experts = adapters_lib.ffn_expert_targets(self.adapter, self.path)
+    if experts and adapters_enabled:
+      block = adapters_lib.ffn_module(self.adapter)(
+          self.hidden_size, self.intermediate_size, experts, self.adapter, self.dtype,
+          self.param_dtype, name="moe")
+      return block(x, gate_proj, up_proj, down_proj, act)
+    gate = gate_proj(x, adapters_enabled)
+    up = up_proj(x, adapters_enabled)
     h = constrain(act(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-    return dense(self.hidden_size, ("mlp", "embed"), "down_proj")(h)
+    return down_proj(h, adapters_enabled)
 
 
 def attention_weights_xla(q: Array, k: Array, v: Array, mask: Array, scale: float) -> Array:
@@ -150,6 +189,7 @@ class Attention(nn.Module):
   attention_impl: str = "xla"
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
+  adapter: Any = None  # AdapterConfig: LoRA / experts on the projections its `targets` match
 
   @nn.compact
   def __call__(
@@ -160,16 +200,21 @@ class Attention(nn.Module):
       mask: Array,  # bool [B, T, S]: query t may see key slot s
       kv_cache: Optional[LayerCache] = None,  # {'k','v'}: [B, K, S, D]
       cache_index: Optional[Array] = None,  # int32 scalar: slot of x[:, 0] in the cache
+      adapters_enabled: bool = True,
   ) -> Tuple[Array, Optional[LayerCache]]:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {sorted(ATTENTION_IMPLS)}, "
                        f"got {self.attention_impl!r}.")
 
+    def adapted(name):
+      return dict(adapter=self.adapter, adapter_mode=adapters_lib.projection_adapter(
+          self.adapter, self.path + (name,), in_ffn=False))
+
     def proj(heads, head_axis, name):
       return Projection(
           (heads, self.head_dim), ("embed", head_axis, "head_dim"), use_bias=self.qkv_bias,
           bias_axes=(head_axis, "head_dim"), dtype=self.dtype, param_dtype=self.param_dtype,
-          name=name)(x)
+          name=name, **adapted(name))(x, adapters_enabled)
 
     q = proj(self.num_heads, "q_heads", "q_proj")  # [B, T, H, D]
     k = proj(self.num_kv_heads, "kv_heads", "k_proj")  # [B, T, K, D]
@@ -190,5 +235,6 @@ class Attention(nn.Module):
     attend = ATTENTION_IMPLS[self.attention_impl]
     out = attend(q, k, v, mask, self.head_dim ** -0.5)
     out = Projection((x.shape[-1],), ("q_heads", "head_dim", "embed"), contract=2,
-                     dtype=self.dtype, param_dtype=self.param_dtype, name="o_proj")(out)
+                     dtype=self.dtype, param_dtype=self.param_dtype, name="o_proj",
+                     **adapted("o_proj"))(out, adapters_enabled)
     return out, new_cache

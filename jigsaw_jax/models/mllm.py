@@ -123,7 +123,7 @@ class VisionLanguageModel(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.decoder = decoder_lib.TextDecoder(cfg.text, cfg.dtype, cfg.param_dtype, cfg.remat,
-                                           cfg.attention_impl)
+                                           cfg.attention_impl, cfg.adapter)
     if cfg.vision is not None:
       from jigsaw_jax.models import vision  # Imported here: text-only models never need it.
       self.visual = vision.VisionTower(cfg.vision, cfg.dtype, cfg.param_dtype, cfg.remat,
@@ -141,6 +141,8 @@ class VisionLanguageModel(nn.Module):
       return_hidden: bool = False,
       return_logits: bool = True,
       last_logits_only: bool = False,
+      tap_layer: Optional[int] = None,  # also return the residual stream entering this layer
+      adapters_enabled: bool = True,  # False: the base model alone (cfg.adapter's variables unused)
   ) -> decoder_lib.DecoderOutput:
     embeds = self.decoder.embed(input_ids)
     if pixel_values is not None:
@@ -149,7 +151,8 @@ class VisionLanguageModel(nn.Module):
       features = self.visual(pixel_values, _grid_tuple(image_grid_thw))
       embeds = scatter_image_features(embeds, input_ids == self.cfg.image_token_id, features)
     return self.decoder(embeds, positions, attn_mask, cache, return_hidden=return_hidden,
-                        return_logits=return_logits, last_logits_only=last_logits_only)
+                        return_logits=return_logits, last_logits_only=last_logits_only,
+                        tap_layer=tap_layer, adapters_enabled=adapters_enabled)
 
 
 def dummy_inputs(cfg: ModelConfig) -> dict:

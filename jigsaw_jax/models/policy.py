@@ -7,12 +7,14 @@ tokenizer shipped in the package.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
 
+from absl import logging
 import jax
 import flax.linen as nn
 
-from jigsaw_jax.models import hf_io, mllm, presets
+from jigsaw_jax.models import adapters, hf_io, mllm, presets
 from jigsaw_jax.models.config import ModelConfig
 from jigsaw_jax.models.processing import Processor
 
@@ -26,8 +28,20 @@ def model_config(model: Any) -> ModelConfig:
   return presets.get_preset(model.preset, **overrides)
 
 
-def processor(model: Any) -> Processor:
-  return Processor.from_pretrained(model.checkpoint or None)
+def processor(model: Any, cfg: Optional[ModelConfig] = None) -> Processor:
+  """The checkpoint's own processor, or the shipped tokenizer with image settings that match the
+  preset's vision tower (patch and merge sizes)."""
+  if model.checkpoint:
+    return Processor.from_pretrained(model.checkpoint)
+  from jigsaw_jax.models import tokenizer as tokenizer_lib
+  from jigsaw_jax.models.processing import ImageProcessingConfig
+  cfg = cfg or model_config(model)
+  image = ImageProcessingConfig()
+  if cfg.vision is not None:
+    image = ImageProcessingConfig(patch_size=cfg.vision.patch_size,
+                                  merge_size=cfg.vision.spatial_merge_size,
+                                  temporal_patch_size=cfg.vision.temporal_patch_size)
+  return Processor(tokenizer_lib.load_tokenizer(None), image)
 
 
 def abstract_params(cfg: ModelConfig):
@@ -47,3 +61,27 @@ def initial_params(model: Any, cfg: ModelConfig, rng: jax.Array,
   module = mllm.VisionLanguageModel(cfg)
   init = lambda r: nn.unbox(module.init(r, **inputs, image_grid_thw=grid))
   return jax.jit(init, out_shardings=shardings)(rng)
+
+
+def adapter_config(config: Any) -> Optional[adapters.AdapterConfig]:
+  """`config.adapter` as an AdapterConfig; None for kind 'none' or a config without the block."""
+  return adapters.from_config(config.get("adapter"))
+
+
+def attach_adapter(config: Any, model_cfg: ModelConfig, params: Any, rng: jax.Array
+                   ) -> Tuple[ModelConfig, Any, Dict[str, Any]]:
+  """(model_cfg, trainable, frozen) of a run.
+
+  Without an adapter: the model as it is, every parameter trainable, nothing frozen. With
+  `config.adapter.kind` set: the adapted ModelConfig, fresh adapter variables {'adapter': ...}
+  (zero-effect at init) as the trainable part and the base variables frozen; the policy is
+  `adapters.join(trainable, frozen)`.
+  """
+  adapter = adapter_config(config)
+  if adapter is None:
+    return model_cfg, params, {}
+  cfg = dataclasses.replace(model_cfg, adapter=adapter)
+  trainable = adapters.init_adapters(cfg, jax.random.fold_in(rng, 1))
+  logging.info("Adapter %s: %d trainable parameters (base: %d, frozen).", adapter.kind,
+               adapters.count_params(trainable), adapters.count_params(params))
+  return cfg, trainable, dict(params)

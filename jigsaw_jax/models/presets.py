@@ -82,8 +82,22 @@ def small() -> ModelConfig:
       **_TINY_IDS)
 
 
+def tiny_jigsaw() -> ModelConfig:
+  """`tiny` with no 2x2 patch merging, for the CPU jigsaw miniature.
+
+  Qwen's processor makes image sides multiples of patch * merge, so with merging every 2x1 seam
+  falls exactly between two patches; without it (sides multiples of 14 only) a 98-pixel image has
+  its seam inside a patch, where the patch embedding alone can see it. Measured with a vision
+  probe on held-out bundled crops: 90% swap detection after 600 supervised steps, against 71%
+  with merging.
+  """
+  cfg = tiny()
+  return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, spatial_merge_size=1))
+
+
 PRESETS: Dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny,
+    "tiny_jigsaw": tiny_jigsaw,
     "small": small,
     "qwen2_5_vl_3b": qwen2_5_vl_3b,
     "qwen2_5_vl_7b": qwen2_5_vl_7b,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jigsaw_jax.models import adapters as adapters_lib
 from jigsaw_jax.models import mllm
 from jigsaw_jax.models.config import ModelConfig
 from jigsaw_jax.models.processing import Processor, PromptBatch
@@ -54,32 +55,42 @@ def supervised_batch(model_cfg: ModelConfig, processor: Processor, prompts: Prom
 
 
 class SupervisedSteps:
-  """A jitted cross-entropy gradient step on SequenceBatches."""
+  """A jitted cross-entropy gradient step on SequenceBatches.
+
+  With an adapted model_cfg, `params` are the trainable adapter variables and `frozen` the base
+  (`adapters.split`); only the adapter is differentiated, and MoE balance losses are added with
+  `adapter.balance_coef`.
+  """
 
   def __init__(self, model_cfg: ModelConfig, optimizer: optax.GradientTransformation):
     self.model = mllm.VisionLanguageModel(model_cfg)
+    self.adapter = model_cfg.adapter
     self.optimizer = optimizer
     self._step = jax.jit(self._step_impl, static_argnames=("grid",), donate_argnums=(0, 1))
 
   def _step_impl(self, params, opt_state, input_ids, attn_mask, positions, pixel_values,
-                 completion, completion_mask, *, grid):
+                 completion, completion_mask, frozen, rng, *, grid):
     def nll(p):
-      logp, _ = completion_scores(self.model, p, input_ids, attn_mask, positions, pixel_values,
-                                  completion, grid, 1.0)
+      logp, _, *aux = completion_scores(
+          self.model, adapters_lib.join(p, frozen), input_ids, attn_mask, positions,
+          pixel_values, completion, grid, 1.0, rngs=None if rng is None else {"dropout": rng},
+          with_aux=self.adapter is not None)
       tokens = jnp.maximum(completion_mask.sum(), 1.0)
       loss = -(logp * completion_mask).sum() / tokens
-      # Exact-match accuracy of greedy answers under teacher forcing, a cheap progress signal.
-      return loss, loss
+      total = loss + self.adapter.balance_coef * aux[0] if aux else loss
+      return total, (loss, aux)
 
-    (loss, _), grads = jax.value_and_grad(nll, has_aux=True)(params)
+    (_, (loss, aux)), grads = jax.value_and_grad(nll, has_aux=True)(params)
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {
-        "loss": loss, "grad_norm": optax.global_norm(grads)}
+    stats = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    if aux:
+      stats["balance_loss"] = aux[0]
+    return optax.apply_updates(params, updates), opt_state, stats
 
-  def step(self, params, opt_state, seq: SequenceBatch):
+  def step(self, params, opt_state, seq: SequenceBatch, frozen=None, rng=None):
     return self._step(params, opt_state, seq.input_ids, seq.attn_mask, seq.positions,
                       seq.pixel_values if seq.grid else None, seq.completion,
-                      seq.completion_mask, grid=seq.grid)
+                      seq.completion_mask, {} if frozen is None else frozen, rng, grid=seq.grid)
 
 
 # -- the `sft` task ------------------------------------------------------------------------------
@@ -110,6 +121,7 @@ def train(config, workdir: str):
   from jigsaw_jax import metrics as metrics_lib
   from jigsaw_jax.models import policy as policy_lib
   from jigsaw_jax.models.processing import collate
+  from jigsaw_jax.models import adapters as adapters_lib
   from jigsaw_jax.rl import rollout_rewards, trainer
   from jigsaw_jax.rl.steps import make_optimizer
   from jigsaw_jax.rollout.sampler import Sampler
@@ -124,6 +136,9 @@ def train(config, workdir: str):
   if config.pretrain.steps:
     from jigsaw_jax.rl import pretrain as pretrain_lib
     params = pretrain_lib.pretrain(config, model_cfg, processor, params, workdir)
+  # With config.adapter only the adapter trains and is saved; the base stays in `frozen`.
+  model_cfg, params, frozen = policy_lib.attach_adapter(config, model_cfg, params, init_rng)
+  policy = lambda: adapters_lib.join(state["params"], frozen)
   optimizer = trainer.optimizer_for(config)
   state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
            "rng": rng}
@@ -149,7 +164,7 @@ def train(config, workdir: str):
   evaluator = evaluate_lib.Evaluator(model_cfg, processor, config.data, config.eval,
                                      processor.special_ids.eos_ids)
   if config.eval.at_start and int(state["step"]) == 0:
-    evaluate_lib.append_records(workdir, evaluator(state["params"], 0)[0])
+    evaluate_lib.append_records(workdir, evaluator(policy(), 0)[0])
   bucket = int(config.rollout.prompt_bucket)
   for step in range(int(state["step"]) + 1, int(config.total_steps) + 1):
     batch = next(data_iter)
@@ -157,7 +172,7 @@ def train(config, workdir: str):
     if mode == "ground_truth":
       targets = [answer_text(p) for p in puzzles]
     else:
-      targets = _rejection_targets(sampler, state["params"], prompts, puzzles, processor,
+      targets = _rejection_targets(sampler, policy(), prompts, puzzles, processor,
                                    int(config.sft.samples_per_prompt),
                                    jax.random.fold_in(state["rng"], step))
     keep = [i for i, t in enumerate(targets) if t is not None]
@@ -167,7 +182,10 @@ def train(config, workdir: str):
       kept_prompts = collate(encoded, processor.pad_token_id, bucket)
       seq = supervised_batch(model_cfg, processor, kept_prompts, [targets[i] for i in keep],
                              int(config.sft.target_length))
-      params, opt_state, stats = steps.step(state["params"], state["opt_state"], seq)
+      dropout_rng = (jax.random.fold_in(jax.random.fold_in(state["rng"], step), 1)
+                     if frozen and config.adapter.dropout else None)
+      params, opt_state, stats = steps.step(state["params"], state["opt_state"], seq, frozen,
+                                            dropout_rng)
       state = dict(state, params=params, opt_state=opt_state)
       loss = float(stats["loss"])
     state["step"] = jnp.int32(step)
@@ -175,10 +193,10 @@ def train(config, workdir: str):
                                              "sft/kept_fraction": len(keep) / len(targets)})
     ckpt.save(step, state, data_state=data_iter.get_state(), force=step == config.total_steps)
     if config.eval.every_steps and step % config.eval.every_steps == 0:
-      evaluate_lib.append_records(workdir, evaluator(state["params"], step)[0])
+      evaluate_lib.append_records(workdir, evaluator(policy(), step)[0])
   ckpt.close()
   if config.eval.at_end:
-    evaluate_lib.append_records(workdir, evaluator(state["params"], int(config.total_steps))[0])
+    evaluate_lib.append_records(workdir, evaluator(policy(), int(config.total_steps))[0])
   writer.flush()
   logging.info("SFT finished at step %d.", int(config.total_steps))
   return state

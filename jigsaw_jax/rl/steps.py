@@ -37,6 +37,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jigsaw_jax import sharding as sharding_lib
+from jigsaw_jax.models import adapters as adapters_lib
 from jigsaw_jax.models import mllm
 from jigsaw_jax.models.config import ModelConfig
 from jigsaw_jax.rl import losses
@@ -49,19 +50,25 @@ def _array_fields(seq: SequenceBatch):
 
 
 def completion_scores(model: mllm.VisionLanguageModel, params, input_ids, attn_mask, positions,
-                      pixel_values, completion, grid, temperature: float):
+                      pixel_values, completion, grid, temperature: float, *,
+                      adapters_enabled: bool = True, rngs=None, with_aux: bool = False):
   """log p(completion token) and the entropy at each completion position, float32 [R, T].
 
   Logits are computed only at the T positions that predict completion tokens, so the [R, L+T, V]
-  tensor over the whole sequence is never materialised.
+  tensor over the whole sequence is never materialised. With adapters: `adapters_enabled=False`
+  scores the base alone, `rngs={'dropout': key}` turns on adapter dropout, and `with_aux` also
+  returns the mean MoE balance loss (0 without experts) as a third value.
   """
   t = completion.shape[1]
   out = model.apply(params, input_ids, positions, attn_mask, pixel_values, grid or None,
-                    return_hidden=True, return_logits=False)
+                    return_hidden=True, return_logits=False, adapters_enabled=adapters_enabled,
+                    rngs=rngs, mutable=[adapters_lib.LOSSES] if with_aux else False)
+  out, state = out if with_aux else (out, {})
   hidden = out.hidden[:, -t - 1:-1]
   logits = model.apply(params, hidden, method=lambda m, h: m.decoder.logits(h))
   logits = logits / temperature
-  return losses.token_log_probs(logits, completion), losses.entropy(logits)
+  scores = (losses.token_log_probs(logits, completion), losses.entropy(logits))
+  return scores + (adapters_lib.balance_loss(state),) if with_aux else scores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -161,7 +168,7 @@ class PolicySteps:
                mesh: Optional[Mesh] = None, rules: Optional[Sequence[Any]] = None,
                param_shardings: Any = None, opt_state_shardings: Any = None,
                constrain_activations: bool = True):
-    del trainable  # Reserved for adapters: which params the optimizer updates.
+    del trainable  # Adapters decide: with model_cfg.adapter only the 'adapter' collection trains.
     self.model_cfg = model_cfg
     self.model = mllm.VisionLanguageModel(model_cfg)
     self.loss_cfg = loss_cfg
@@ -173,8 +180,9 @@ class PolicySteps:
         sharding_lib.DEFAULT_RULES if rules is None else rules)
     self.param_shardings = self.opt_state_shardings = None
     self.constrain_activations = False
+    self.trainable_shardings = None  # param_shardings of what the optimizer updates
     if mesh is None:
-      self._score = jax.jit(self._score_by_grid, static_argnums=0)
+      self._score = jax.jit(self._score_by_grid, static_argnums=(0, 1))
       self._grads = jax.jit(self._grads_by_grid, static_argnums=0)
       self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
       self._init_opt = jax.jit(optimizer.init)
@@ -183,27 +191,30 @@ class PolicySteps:
     boxed = mllm.abstract_params(model_cfg)
     if param_shardings is None:
       param_shardings = sharding_lib.logical_to_sharding(boxed, mesh, self.rules)
+    trainable_shardings = adapters_lib.split(param_shardings)[0]
     if opt_state_shardings is None:
-      opt_state_shardings = optimizer_state_shardings(optimizer, nn.meta.unbox(boxed),
-                                                      param_shardings, mesh)
+      opt_state_shardings = optimizer_state_shardings(
+          optimizer, adapters_lib.split(nn.meta.unbox(boxed))[0], trainable_shardings, mesh)
     self.param_shardings, self.opt_state_shardings = param_shardings, opt_state_shardings
+    self.trainable_shardings = trainable_shardings
     self.constrain_activations = constrain_activations
     rep = NamedSharding(mesh, PartitionSpec())
     rows = lambda ndim, axis=0: rows_sharding(mesh, ndim, axis)
     # pixel_values: None takes the argument's placement, chosen per shape by `shard_batch`.
     batch_in = (rows(2), rows(2), rows(3, 1), None, rows(2), rows(2))
     # The image grid is static and comes first (jit takes no keyword arguments with shardings).
-    self._score = jax.jit(self._score_by_grid, static_argnums=0,
+    self._score = jax.jit(self._score_by_grid, static_argnums=(0, 1),
                           in_shardings=(param_shardings,) + batch_in,
                           out_shardings=(rows(2), rows(2)))
     self._grads = jax.jit(
         self._grads_by_grid, static_argnums=0,
-        in_shardings=(param_shardings,) + batch_in + (rows(1), rows(2), rows(2)),
-        out_shardings=(param_shardings, rep, rep))
-    self._update = jax.jit(self._update_impl, donate_argnums=(0, 1),
-                           in_shardings=(param_shardings, opt_state_shardings, param_shardings),
-                           out_shardings=(param_shardings, opt_state_shardings, rep))
-    self._init_opt = jax.jit(optimizer.init, in_shardings=(param_shardings,),
+        in_shardings=(param_shardings,) + batch_in + (rows(1), rows(2), rows(2), rep),
+        out_shardings=(trainable_shardings, rep, rep))
+    self._update = jax.jit(
+        self._update_impl, donate_argnums=(0, 1),
+        in_shardings=(trainable_shardings, opt_state_shardings, trainable_shardings),
+        out_shardings=(trainable_shardings, opt_state_shardings, rep))
+    self._init_opt = jax.jit(optimizer.init, in_shardings=(trainable_shardings,),
                              out_shardings=opt_state_shardings)
 
   # -- placement ----------------------------------------------------------------------------
@@ -271,57 +282,71 @@ class PolicySteps:
   # -- optimizer state ----------------------------------------------------------------------
 
   def init_optimizer(self, params):
-    """`optimizer.init(params)`, created directly with `opt_state_shardings` on a mesh."""
+    """`optimizer.init(params)`, created directly with `opt_state_shardings` on a mesh. With
+    adapters, `params` is the trainable part (`adapters.split(variables)[0]`)."""
     with self._context():
-      return self._init_opt(self._place_state(params, self.param_shardings))
+      return self._init_opt(self._place_state(params, self.trainable_shardings))
 
   # -- scoring (old / reference log-probs) --------------------------------------------------
 
   def _score_impl(self, params, input_ids, attn_mask, positions, pixel_values, completion,
-                  completion_mask, *, grid):
+                  completion_mask, *, grid, adapters_enabled=True):
     del completion_mask
-    return completion_scores(self.model, params, input_ids, attn_mask, positions, pixel_values,
-                             completion, grid, self.temperature)
+    return completion_scores(self.model, params, input_ids, attn_mask, positions,
+                             pixel_values, completion, grid, self.temperature,
+                             adapters_enabled=adapters_enabled)
 
-  def _score_by_grid(self, grid, *args):
-    return self._score_impl(*args, grid=grid)
+  def _score_by_grid(self, grid, adapters_enabled, *args):
+    return self._score_impl(*args, grid=grid, adapters_enabled=adapters_enabled)
 
-  def score(self, params, seq: SequenceBatch):
-    """(logp, entropy) float32 [R, T] of the batch's completions under `params`."""
+  def score(self, params, seq: SequenceBatch, adapters_enabled: bool = True):
+    """(logp, entropy) float32 [R, T] of the batch's completions under `params`;
+    `adapters_enabled=False` scores the base model alone (the KL reference of adapter runs)."""
     seq = self.shard_batch(seq)
     with self._context():
-      return self._score(seq.grid, self._place_state(params, self.param_shardings),
-                         *_array_fields(seq))
+      return self._score(seq.grid, bool(adapters_enabled),
+                         self._place_state(params, self.param_shardings), *_array_fields(seq))
 
   # -- gradients ----------------------------------------------------------------------------
 
   def _grads_impl(self, params, input_ids, attn_mask, positions, pixel_values, completion,
-                  completion_mask, advantages, old_logp, ref_logp, *, grid):
+                  completion_mask, advantages, old_logp, ref_logp, rng=None, *, grid):
+    # With adapters only the 'adapter' collection is differentiated: no base gradient exists.
+    trainable, frozen = adapters_lib.split(params)
+    adapter = self.model_cfg.adapter
+
     def objective(p):
-      logp, entropy = completion_scores(self.model, p, input_ids, attn_mask, positions,
-                                        pixel_values, completion, grid, self.temperature)
+      logp, entropy, *aux = completion_scores(
+          self.model, adapters_lib.join(p, frozen), input_ids, attn_mask,
+          positions, pixel_values, completion, grid, self.temperature,
+          rngs=None if rng is None else {"dropout": rng}, with_aux=adapter is not None)
       old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
       loss, metrics = self.loss_fn(logp, old, ref_logp, advantages, completion_mask,
                                    self.loss_cfg)
       tokens = jnp.maximum(completion_mask.sum(), 1.0)
       metrics = dict(metrics, entropy=(jax.lax.stop_gradient(entropy) * completion_mask).sum()
                      / tokens)
+      if aux:
+        loss = loss + adapter.balance_coef * aux[0]
+        metrics = dict(metrics, balance_loss=jax.lax.stop_gradient(aux[0]))
       return loss, metrics
 
-    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(params)
+    (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
     return grads, loss, metrics
 
   def _grads_by_grid(self, grid, *args):
     return self._grads_impl(*args, grid=grid)
 
-  def grads(self, params, seq: SequenceBatch, advantages, old_logp=None, ref_logp=None):
+  def grads(self, params, seq: SequenceBatch, advantages, old_logp=None, ref_logp=None,
+            rng=None):
     """(grads, loss, metrics) of the loss on `seq`. On a mesh, host (numpy) inputs are this
-    process's rows, as for `shard_batch`."""
+    process's rows, as for `shard_batch`. With adapters, `params` holds base and adapter
+    variables and the grads cover the adapter only; `rng` drives adapter dropout."""
     seq = self.shard_batch(seq)
     with self._context():
       return self._grads(seq.grid, self._place_state(params, self.param_shardings),
                          *_array_fields(seq), self._rows(advantages, 1),
-                         self._rows(old_logp, 2), self._rows(ref_logp, 2))
+                         self._rows(old_logp, 2), self._rows(ref_logp, 2), rng)
 
   # -- update -------------------------------------------------------------------------------
 
@@ -336,10 +361,11 @@ class PolicySteps:
             {"grad_norm": grad_norm, "finite": finite.astype(jnp.float32)})
 
   def apply_update(self, params, opt_state, grads):
+    """One optax step on the trainable params (all of them, or the adapter part)."""
     with self._context():
-      return self._update(self._place_state(params, self.param_shardings),
+      return self._update(self._place_state(params, self.trainable_shardings),
                           self._place_state(opt_state, self.opt_state_shardings),
-                          self._place_state(grads, self.param_shardings))
+                          self._place_state(grads, self.trainable_shardings))
 
 
 def mean_trees(trees):

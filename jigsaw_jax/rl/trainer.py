@@ -23,6 +23,7 @@ from jigsaw_jax import data as data_lib
 from jigsaw_jax import evaluate as evaluate_lib
 from jigsaw_jax import metrics as metrics_lib
 from jigsaw_jax import sharding as sharding_lib
+from jigsaw_jax.models import adapters as adapters_lib
 from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.rl import advantages as advantages_lib
 from jigsaw_jax.rl import losses as losses_lib
@@ -105,8 +106,13 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     params = pretrain_lib.pretrain(config, model_cfg, processor, params, workdir)
   if config.init_from:
     params = params_of_run(config, config.init_from, params)
-  # The update donates the params' buffers, so the KL reference gets its own copy.
-  initial_params = jax.tree_util.tree_map(jnp.copy, params) if config.rl.beta else None
+  # With config.adapter the base is frozen outside the train state: `params` (trained, saved)
+  # becomes the adapter collection, and the policy is adapters_lib.join(params, frozen).
+  model_cfg, params, frozen = policy_lib.attach_adapter(config, model_cfg, params, init_rng)
+  # The update donates the params' buffers, so the KL reference gets its own copy (adapter runs
+  # need none: their reference is the same weights with the adapters switched off).
+  initial_params = jax.tree_util.tree_map(jnp.copy, params) \
+      if config.rl.beta and not frozen else None
   optimizer = optimizer_for(config)
   opt_state = jax.jit(optimizer.init)(params)
 
@@ -137,6 +143,14 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     logging.info("Resumed from step %d.", int(state["step"]))
   # The KL reference is the initial policy; with beta = 0 it is never computed.
   ref_params = initial_params if config.rl.beta != 0.0 else None
+  policy = lambda: adapters_lib.join(state["params"], frozen)  # all variables of the policy
+
+  def reference_logp(seq):
+    if config.rl.beta == 0.0:
+      return None
+    if frozen:
+      return steps.score(policy(), seq, adapters_enabled=False)[0]
+    return steps.score(ref_params, seq)[0]
 
   # ----------------------------------------------------------------------------------------
   # Evaluation.
@@ -147,7 +161,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
                                        processor.special_ids.eos_ids)
 
   def run_eval(step: int):
-    records, samples = evaluator(state["params"], step)
+    records, samples = evaluator(policy(), step)
     evaluate_lib.append_records(workdir, records)
     evaluate_lib.write_gallery(os.path.join(workdir, f"gallery_step{step}.png"), samples)
     metrics_lib.write_scalars(writer, step, {
@@ -176,7 +190,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
     with timer.phase("rollout"):
       step_rng = jax.random.fold_in(state["rng"], step)
-      rollout = jax.block_until_ready(sampler.generate(state["params"], prompts, step_rng))
+      rollout = jax.block_until_ready(sampler.generate(policy(), prompts, step_rng))
       tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
 
     with timer.phase("reward"):
@@ -195,14 +209,16 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       seq = build_sequences(model_cfg, prompts, tokens, mask, group)
       micro = list(split_rows(seq, int(config.rl.micro_batches)))
       adv_micro = np.split(adv, len(micro))
-      ref_logps = [steps.score(ref_params, m)[0] if ref_params is not None else None
-                   for m in micro]
+      ref_logps = [reference_logp(m) for m in micro]
       old_logps = [None] * len(micro)
       if config.rl.num_iterations > 1:
-        old_logps = [steps.score(state["params"], m)[0] for m in micro]
-      for _ in range(int(config.rl.num_iterations)):
-        results = [steps.grads(state["params"], m, a, o, r)
-                   for m, a, o, r in zip(micro, adv_micro, old_logps, ref_logps)]
+        old_logps = [steps.score(policy(), m)[0] for m in micro]
+      for iteration in range(int(config.rl.num_iterations)):
+        dropout_rng = (jax.random.fold_in(step_rng, iteration + 1)
+                       if frozen and config.adapter.dropout else None)
+        results = [steps.grads(policy(), m, a, o, r,
+                               None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
+                   for i, (m, a, o, r) in enumerate(zip(micro, adv_micro, old_logps, ref_logps))]
         grads = mean_trees([g for g, _, _ in results])
         params, opt_state, update_stats = steps.apply_update(state["params"], state["opt_state"],
                                                              grads)

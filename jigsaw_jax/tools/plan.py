@@ -34,6 +34,14 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 GIB = 1024 ** 3
+# AOT targets compiled by libtpu's compiler without any TPU attached (`pip install libtpu` of the
+# version jax[tpu] names): (topology, chip config, chips per host).
+TPU_TARGETS = {
+    "tpu:v5e-8": ("v5e:2x4", "default", (2, 2, 1)),
+    "tpu:v5e-16": ("v5e:4x4", "default", (2, 2, 1)),
+    "tpu:v4-16": ("v4:2x2x2", "megacore", (2, 2, 1)),
+    "tpu:v4-32": ("v4:2x2x4", "megacore", (2, 2, 1)),
+}
 # Device memory of the accelerators users run on (per chip / GPU).
 HARDWARE = {"v5e (16 GiB)": 16, "v4 (32 GiB)": 32, "H100 (80 GiB)": 80}
 
@@ -51,6 +59,19 @@ def _ensure_devices(count: int, argv: Sequence[str]) -> None:
   if "jax" in sys.modules:
     os.execve(sys.executable, [sys.executable, "-m", "jigsaw_jax.tools.plan", *argv], env)
   os.environ.update(env)
+
+
+def _tpu_devices(target: str):
+  """The devices of a TPU slice for ahead-of-time compilation (libtpu's compiler, no TPU)."""
+  from jax.experimental import topologies
+  topology, chip_config, per_host = TPU_TARGETS[target]
+  try:
+    return topologies.get_topology_desc(
+        platform="tpu", topology_name=topology, chip_config_name=chip_config,
+        chips_per_host_bounds=per_host, num_slices=1, wrap=(False, False, False)).devices
+  except Exception as e:  # noqa: BLE001  (libtpu missing or of another version)
+    raise SystemExit(f"--target={target} needs libtpu's compiler: pip install the libtpu version "
+                     f"that jax[tpu] pins for this jax. ({type(e).__name__}: {e})") from e
 
 
 def _shard_bytes(abstract: Any) -> int:
@@ -154,8 +175,9 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
   batch = (row((rows, length), jnp.int32), row((rows, length), jnp.int32),
            row((3, rows, length), jnp.int32, 1), pixels(rows),
            row((rows, new_tokens), jnp.int32), row((rows, new_tokens), jnp.float32))
+  # advantages, old log-probs (None: mu = 1), reference log-probs (the KL term), dropout key.
   extra = (row((rows,), jnp.float32), None,
-           row((rows, new_tokens), jnp.float32) if rl.beta else None)
+           row((rows, new_tokens), jnp.float32) if rl.beta else None, None)
   start = time.time()
   with policy._context():
     compiled = policy._grads.lower(grid, params, *batch, *extra).compile()
@@ -258,9 +280,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--text_tokens", type=int, default=200, help="text tokens of the prompt")
   parser.add_argument("--no_rollout", action="store_true", help="skip prefill/decode")
   parser.add_argument("--json", default=None, help="also write the results here")
+  parser.add_argument("--target", default="cpu", choices=["cpu", *TPU_TARGETS],
+                      help="cpu: --devices simulated CPU devices (XLA's CPU compiler); "
+                      "tpu:*: compile for that TPU slice with libtpu's compiler, no TPU needed")
   args = parser.parse_args(argv)
 
-  _ensure_devices(args.devices, argv)
+  if args.target == "cpu":
+    _ensure_devices(args.devices, argv)
+  else:
+    os.environ["JAX_PLATFORMS"] = "cpu"  # libtpu compiles; no TPU backend is started
   import jax
   from jigsaw_jax import configlib
   from jigsaw_jax import sharding as sharding_lib
@@ -270,10 +298,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config.rl.micro_batches = args.micro_batches
   shape = (tuple(int(s) for s in args.mesh.split(",")) if args.mesh
            else tuple(config.mesh.shape))
-  mesh = sharding_lib.make_mesh(shape)
+  devices = None
+  if args.target != "cpu":
+    devices = _tpu_devices(args.target)
+  mesh = sharding_lib.make_mesh(shape, devices=devices)
   presets = args.preset or ["qwen2_5_vl_3b", "qwen2_5_vl_7b"]
-  print(f"Planning {presets} on mesh {dict(mesh.shape)} ({jax.device_count()} simulated "
-        f"devices), dtype {config.model.dtype}, remat {config.model.remat}.", flush=True)
+  print(f"Planning {presets} on mesh {dict(mesh.shape)} ({mesh.size} {args.target} devices), "
+        f"dtype {config.model.dtype}, remat {config.model.remat}.", flush=True)
   results = []
   for preset in presets:
     results.append(plan_preset(config, preset, mesh, image_tokens=args.image_tokens,
