@@ -4,10 +4,11 @@
       [--seeds 0,1,2] [--sft-steps 100] [--grpo-steps 60] [--eval-puzzles 100]
       [--workdir /tmp/adapter_bench]
 
-Every run starts from the same pretrained tiny base (`configs/jigsaw_2x1.py:tiny`: the miniature's
-300-step format pretraining, done once and copied into each run's workdir), trains only its
-adapter with the real `sft` / `grpo` tasks (jigsaw_jax/rl/sft.py, jigsaw_jax/rl/trainer.py), and
-is evaluated greedily on the miniature's fixed test sets (2x1, its 1x2 swap, and 3x1, which is
+Every run starts from the same pretrained tiny base (`configs/jigsaw_2x1.py:tiny`, the
+`tiny_jigsaw` preset: the miniature's 300-step format pretraining, done once and copied into each
+run's workdir), trains only its adapter with the real `sft` / `grpo` tasks (jigsaw_jax/rl/sft.py,
+jigsaw_jax/rl/trainer.py; the miniature's batches: 8 puzzles per step, G=8 for GRPO, beta 0,
+binary grid reward), and is evaluated greedily on the miniature's fixed test sets (2x1, its 1x2 swap, and 3x1, which is
 never trained on), `--eval-puzzles` puzzles each. Seeds change the adapter's initialisation, the
 sampling key and the training data order; the test sets and the base are the same for all runs.
 
@@ -17,7 +18,10 @@ The budgets (tiny: hidden 128, FFN 384, 4 layers; counted, not estimated, and pr
   graph_moe  the same + T=2 rethinking steps, concat_proj (W_m: 128 x 4 per layer) 131,072
 
 All kinds share one optimizer setting (AdamW, `--lr` with linear decay to lr/10, 5 warmup
-steps, clip 1.0) and balance coefficient 0.01; nothing was tuned per kind. Wall time is the whole
+steps, clip 1.0) and balance coefficient 0.01; nothing was tuned per kind. `--kinds full` adds
+full fine-tuning of all weights as a reference (`--full-lr`). The table also shows the training
+signal (SFT: NLL per answer token; GRPO: accuracy of the sampled completions), averaged over the
+first and the last 10 steps. Wall time is the whole
 run in this process (compilation and the final evaluation included) on whatever the machine is
 doing meanwhile, so compare it within one table only.
 
@@ -55,16 +59,18 @@ def make_config(task: str, kind: str, seed: int, args):
   c.seed = seed
   c.data.pipeline.seed = seed
   c.total_steps = args.sft_steps if task == "sft" else args.grpo_steps
-  c.optim.learning_rate = args.lr
-  c.optim.end_learning_rate = args.lr / 10
+  lr = args.full_lr if kind == "full" else args.lr
+  c.optim.learning_rate = lr
+  c.optim.end_learning_rate = lr / 10
   c.optim.warmup_steps = 5
   c.eval.sizes = EVAL_SIZES
   c.eval.num_puzzles = args.eval_puzzles
   c.eval.at_start = False
   c.eval.at_end = True
+  c.eval.every_steps = 0  # only the final evaluation
   c.checkpoint.save_every_steps = 10_000  # the final step is always saved
   c.metrics.samples_every = 0
-  if kind != "none":
+  if kind in ADAPTERS:
     for key, value in ADAPTERS[kind].items():
       setattr(c.adapter, key, value)
   return c
@@ -96,6 +102,23 @@ def evaluate_base(params, config, model_cfg):
   return {r["size"]: r["accuracy"] for r in records}
 
 
+def train_curve(workdir: str, task: str, window: int = 10):
+  """Mean of the training signal over the first and the last `window` steps, from the run's
+  TensorBoard events: SFT's loss (NLL per answer token), GRPO's sampled accuracy."""
+  import glob
+  import tensorflow as tf
+  tag = "sft/loss" if task == "sft" else "reward/accuracy"
+  values = {}
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for v in event.summary.value:
+        if v.tag == tag and v.HasField("tensor"):
+          values[event.step] = float(tf.make_ndarray(v.tensor))
+  steps = sorted(values)
+  mean = lambda ks: float(statistics.mean(values[k] for k in ks)) if ks else float("nan")
+  return {"first": mean(steps[:window]), "last": mean(steps[-window:])}
+
+
 def run_one(task: str, kind: str, seed: int, base_dir: str, args):
   import jax
   from jigsaw_jax.models import adapters, policy as policy_lib
@@ -105,9 +128,12 @@ def run_one(task: str, kind: str, seed: int, base_dir: str, args):
   shutil.copytree(base_dir, os.path.join(workdir, "base"))
   config = make_config(task, kind, seed, args)
   model_cfg = policy_lib.model_config(config.model)
-  adapted = dataclasses.replace(model_cfg, adapter=policy_lib.adapter_config(config))
-  trainable = adapters.count_params(jax.eval_shape(
-      lambda key: adapters.init_adapters(adapted, key), jax.random.key(0)))
+  if kind == "full":
+    trainable = adapters.count_params(policy_lib.abstract_params(model_cfg)["params"])
+  else:
+    adapted = dataclasses.replace(model_cfg, adapter=policy_lib.adapter_config(config))
+    trainable = adapters.count_params(jax.eval_shape(
+        lambda key: adapters.init_adapters(adapted, key), jax.random.key(0)))
   start = time.time()
   if task == "sft":
     sft.train(config, workdir)
@@ -122,7 +148,8 @@ def run_one(task: str, kind: str, seed: int, base_dir: str, args):
   accuracy = {r["size"]: r["accuracy"] for r in records if r["step"] == last}
   shutil.rmtree(os.path.join(workdir, "base"), ignore_errors=True)
   return dict(task=task, kind=kind, seed=seed, steps=int(config.total_steps),
-              trainable_params=trainable, wall_s=wall, accuracy=accuracy, **final)
+              trainable_params=trainable, wall_s=wall, accuracy=accuracy,
+              train=train_curve(workdir, task), **final)
 
 
 def mean_spread(values, digits=3):
@@ -135,19 +162,23 @@ def mean_spread(values, digits=3):
 
 def table(results, base_accuracy):
   lines = ["| task | adapter | trainable params | " + " | ".join(
-      f"acc {s}" for s in EVAL_SIZES) + " | wall s | seeds |",
-           "|---|---|---:|" + "---:|" * len(EVAL_SIZES) + "---:|---|"]
+      f"eval acc {s}" for s in EVAL_SIZES) + " | train signal, first → last 10 steps | wall s "
+           "| seeds |",
+           "|---|---|---:|" + "---:|" * len(EVAL_SIZES) + "---|---:|---|"]
   if base_accuracy:
     lines.append("| (base) | none | 0 | " + " | ".join(
-        f"{base_accuracy.get(s, float('nan')):.3f}" for s in EVAL_SIZES) + " | | |")
+        f"{base_accuracy.get(s, float('nan')):.3f}" for s in EVAL_SIZES) + " | | | |")
   for task in ("sft", "grpo"):
-    for kind in ADAPTERS:
+    for kind in ("full",) + tuple(ADAPTERS):
       rows = [r for r in results if r["task"] == task and r["kind"] == kind]
       if not rows:
         continue
       accs = [mean_spread([r["accuracy"][s] for r in rows]) for s in EVAL_SIZES]
+      signal = "NLL" if task == "sft" else "sampled acc"
+      curve = (f"{signal} {mean_spread([r['train']['first'] for r in rows])} → "
+               f"{mean_spread([r['train']['last'] for r in rows])}")
       lines.append(f"| {task} ({rows[0]['steps']} steps) | {kind} | "
-                   f"{rows[0]['trainable_params']:,} | " + " | ".join(accs) +
+                   f"{rows[0]['trainable_params']:,} | " + " | ".join(accs) + f" | {curve}"
                    f" | {mean_spread([r['wall_s'] for r in rows], 0)} | "
                    f"{','.join(str(r['seed']) for r in rows)} |")
   return "\n".join(lines)
@@ -163,6 +194,8 @@ def main():
   parser.add_argument("--grpo-steps", type=int, default=60)
   parser.add_argument("--eval-puzzles", type=int, default=100)
   parser.add_argument("--lr", type=float, default=1e-3)
+  parser.add_argument("--full-lr", type=float, default=1e-4,
+                      help="learning rate of the 'full' kind (all weights, the miniature's)")
   parser.add_argument("--workdir", default="/tmp/adapter_bench")
   args = parser.parse_args()
   import sys
@@ -179,6 +212,10 @@ def main():
     saved["base_accuracy"] = evaluate_base(base_params, base_config, base_cfg)
   del base_params
   settings = dict(vars(args), adapters=ADAPTERS)
+  for r in results:  # runs recorded before the training curve was
+    if "train" not in r:
+      run_dir = f"{r['task']}_{r['kind']}_seed{r['seed']}"
+      r["train"] = train_curve(os.path.join(args.workdir, run_dir), r["task"])
   for task in args.tasks.split(","):
     for seed in [int(s) for s in args.seeds.split(",")]:
       for kind in args.kinds.split(","):

@@ -35,6 +35,7 @@ import argparse
 import copy
 import dataclasses
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -299,7 +300,7 @@ def run_trl(directory: str, work: Workload, batches, between: Callable[[int], No
   rows_per_step = work.prompts * work.group
   suppress = list(suppressed_ids(directory))
   config_kwargs = dict(
-      output_dir=tempfile.mkdtemp(prefix="grpo_step_trl_"), seed=0, use_cpu=True,
+      output_dir=os.path.join(directory, "trl_output"), seed=0, use_cpu=True,
       max_steps=work.total_steps, per_device_train_batch_size=rows_per_step,
       gradient_accumulation_steps=1, num_generations=work.group,
       max_completion_length=work.new_tokens, temperature=work.temperature, top_k=work.top_k,
@@ -322,6 +323,7 @@ def run_trl(directory: str, work: Workload, batches, between: Callable[[int], No
   lengths: List[float] = []
   seen_prompts: List[List[List[int]]] = []  # the prompt ids TRL generated from, per step
   splits: List[Dict[str, float]] = []
+  ours_failed: List[Exception] = []
 
   class TimedGRPOTrainer(trl.GRPOTrainer):
     """Times generation and reward scoring (private hooks: if a future TRL renames them, the
@@ -331,9 +333,11 @@ def run_trl(directory: str, work: Workload, batches, between: Callable[[int], No
       start = time.perf_counter()
       out = super()._generate(prompts)
       clock["rollout"] += time.perf_counter() - start
-      prompt_ids, completion_ids = out[0], out[1]
-      lengths.append(float(np.mean([len(c) for c in completion_ids])))
-      seen_prompts.append([list(map(int, ids)) for ids in prompt_ids])
+      try:  # TRL 1.16 returns (prompt_ids, completion_ids, ...); never fail TRL's step over it.
+        lengths.append(float(np.mean([len(c) for c in out[1]])))
+        seen_prompts.append([list(map(int, ids)) for ids in out[0]])
+      except Exception:  # pylint: disable=broad-except
+        pass
       return out
 
     def _calculate_rewards(self, *a, **k):
@@ -350,7 +354,11 @@ def run_trl(directory: str, work: Workload, batches, between: Callable[[int], No
     def on_step_end(self, args, state, control, **kwargs):
       ends.append(time.perf_counter())
       splits.append(dict(clock))
-      between(len(ends) - 1)
+      try:
+        between(len(ends) - 1)
+      except Exception as e:  # pylint: disable=broad-except
+        ours_failed.append(e)  # ours, not TRL: re-raised as is after train()
+        control.should_training_stop = True
       clock.update(rollout=0.0, reward=0.0)
       marks.append(time.perf_counter())
 
@@ -362,7 +370,7 @@ def run_trl(directory: str, work: Workload, batches, between: Callable[[int], No
     raise PeerUnavailable(f"trl {trl.__version__} GRPOTrainer cannot be built for this workload: "
                           f"{type(e).__name__}: {e}") from e
   trainer.remove_callback(transformers.PrinterCallback)  # logging off: no end-of-run dict
-  if trainer.ref_model is None and work.beta:
+  if getattr(trainer, "ref_model", None) is None and work.beta:
     raise PeerUnavailable(f"trl {trl.__version__} built no reference model although beta="
                           f"{work.beta}; the step would not include the reference forward.")
   try:
@@ -373,6 +381,8 @@ def run_trl(directory: str, work: Workload, batches, between: Callable[[int], No
         f"trl {trl.__version__} GRPOTrainer.train() failed on this workload at "
         f"{os.path.basename(where.filename)}:{where.lineno} ({where.name}): "
         f"{type(e).__name__}: {e}") from e
+  if ours_failed:
+    raise ours_failed[0]
   if len(ends) != work.total_steps:
     raise PeerUnavailable(f"trl ran {len(ends)} optimizer steps, expected {work.total_steps}.")
   timed = []
@@ -541,10 +551,17 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
 
   import torch
   torch.set_num_threads(args.threads)
-  import jax
-  import transformers
-
   directory = tempfile.mkdtemp(prefix="grpo_step_ckpt_")
+  try:
+    return _compare(args, work, directory)
+  finally:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _compare(args, work: Workload, directory: str) -> Dict[str, float]:
+  import jax
+  import torch
+  import transformers
   build_checkpoint(args.preset, directory)
   batches = make_puzzles(work)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} with "
@@ -569,11 +586,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
       ours = Ours(directory, work)  # afresh: the failed attempt may have run some of our steps
   if peer_result is None:
     peer_result, peer_name = run_torch(directory, work, batches, between), "torch"
-  ours = ours.result()
+  ours_result = ours.result()
 
   print()
-  print_table([peer_result, ours], work)
-  speedup = peer_result.median("total") / ours.median("total")
+  print_table([peer_result, ours_result], work)
+  speedup = peer_result.median("total") / ours_result.median("total")
   print(f"load average at the end {os.getloadavg()[0]:.1f}: other jobs on these cores slow both "
         "sides, so absolute times drift; the ratio is from interleaved steps.")
   print()

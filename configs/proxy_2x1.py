@@ -33,9 +33,12 @@ def get_config(arg=None):
       layer=-1,  # the policy residual stream it reads: entering this layer; -1 = after the last
       hidden_dim=256,  # 3B: ~1.1M parameters, 0.03% of the policy
       init_accept_logit=2.0,  # untrained: accept with p = 0.88 everywhere
+      calibration_batches=4,  # rollouts whose decision states set the proxy's input statistics
       max_rejections=4,  # per position; never the last plausible token
       fallback="sample",  # past the cap: sample | first_rejected
       rejection_cost=0.0,  # subtracted from the episode's reward per rejection
+      credit="prefix",  # prefix: per-position group baselines | episode: GRPO's, one per episode
+      objective="mirrored",  # mirrored | reinforce (jigsaw_jax/rl/proxy.py, proxy_loss)
       aggregation="episode_mean",  # episode_mean | decision_mean
       entropy_coef=0.0,
       eval_deterministic=True,  # evaluation: accept iff p(accept) >= 0.5 (candidates greedy)
@@ -53,11 +56,18 @@ def get_config(arg=None):
     if preset in words:
       base_config.apply_cpu_preset(c, preset)
       base_config.apply_miniature(c)
-      c.proxy.hidden_dim = 64  # tiny: 16.8K parameters, 1.4% of the policy's 1.18M
+      c.proxy.hidden_dim = 64  # 17K parameters: 1.6% of tiny_jigsaw's 1.09M
+      # A linear probe of the frozen base finds the puzzle best in the residual stream entering
+      # layer 2 of 4 (70% held-out, against 68% after the last layer and 51% at the embedding).
+      c.proxy.layer = 2
+      c.proxy.init_accept_logit = 1.0  # p(accept) = 0.73: rejects explored from the start
+      # The knowledge-aware set: at T=1 the base is sure of the separator and EOS (the proxy is
+      # not asked there) and torn between "1" and "2" for each index (the proxy decides).
+      c.rollout.top_p = 0.9
       c.optim.learning_rate = 3e-3
       c.optim.end_learning_rate = 3e-4
       c.optim.warmup_steps = 5
-      c.total_steps = 60
+      c.total_steps = 600  # ~0.15 s a step on two shared cores (a GRPO step: ~5 s)
       c.eval.every_steps = 0
   configlib.apply_fields(c, fields)
   return c

@@ -29,10 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
+import unicodedata
 from typing import Dict, List, Sequence
 
 import numpy as np
-import regex
 
 # ---------------------------------------------------------------------------------------------
 # Facts: (subject, the true answer) per relation; counterfactuals come from the same pool.
@@ -344,7 +345,7 @@ def user_message(item: Item) -> str:
 # Scoring, as in the official `postprocess_text` / `normalize_text`.
 # ---------------------------------------------------------------------------------------------
 
-_ANSWER = regex.compile(r"(?i)(?:the answer is:\s*)")
+_ANSWER = re.compile(r"(?i)(?:the answer is:\s*)")
 UNKNOWN = "Unknown"
 
 
@@ -355,11 +356,12 @@ def extract_answer(completion: str) -> str:
 
 
 def normalize_text(text: str) -> str:
+  """The official steps in order; [\\p{P}\\p{S}] (Unicode punctuation and symbols) by category."""
   text = text.lower()
-  text = regex.sub(r"\b(a|an|the)\b", "", text)
-  text = regex.sub(r"\s+", " ", text)
-  text = regex.sub(r"[\p{P}\p{S}]", "", text)
-  text = regex.sub(r"(\d),(\d)", r"\1\2", text)
+  text = re.sub(r"\b(a|an|the)\b", "", text)
+  text = re.sub(r"\s+", " ", text)
+  text = "".join(ch for ch in text if unicodedata.category(ch)[0] not in "PS")
+  text = re.sub(r"(\d),(\d)", r"\1\2", text)
   return text.strip()
 
 

@@ -23,7 +23,8 @@ Weights are never mutated: every example starts from the `params` passed in and 
 parameters are a new pytree sharing every unchanged leaf, so "restoring" costs nothing.
 
     fm = FastMem.for_text_lm(text_cfg, tokenizer, FastMemConfig(learning_rate=1e-5, steps=10))
-    answer_ids, stats = fm.answer(params, context, prompt_ids)
+    params = as_model_params(decoder_params)           # or a VisionLanguageModel's variables
+    answer_ids, stats = fm.answer(params, context, text_prompt(prompt_ids))
 """
 
 from __future__ import annotations
@@ -412,6 +413,10 @@ class FastMem:
                segments: Optional[Sequence[int]] = None) -> Tuple[List[Params], MemoryStats]:
     """Adapted parameters after each segment of steps (default: one segment of fm.steps),
     starting from `params` (never modified), and the loss trajectory."""
+    if not isinstance(params, dict) or "params" not in params:
+      raise TypeError("FastMem memorises into the policy's variables {'params': ...}; got "
+                      f"{type(params).__name__}. (A frozen policy plus a separate network, such "
+                      "as Proxy-RLHF's pair, is not supported.)")
     fm = fm or self.fm
     segments = tuple(int(s) for s in (segments or (fm.steps,)))
     ids, in_loss = memory_tokens(self.tokenizer, context, self.template, fm.max_tokens)

@@ -32,8 +32,17 @@ a position are an inner `lax.while_loop` (at most max_rejections + 1 tries, ende
 row has accepted). Try 0 at each position uses the base sampler's key, so a proxy that always
 accepts reproduces `Sampler.generate` token for token.
 
+Training (proxy_trainer.py): the rollout records every decision with the state it was taken in,
+so the loss re-evaluates only the proxy, never the policy. Credit is group-relative over the G
+episodes of a puzzle, per episode (GRPO's) or per position (`prefix_advantages`: each decision
+against the episodes that reached it with the same tokens). `proxy_loss` has two objectives:
+`reinforce` (-A log pi(decision), PPO-clipped) and `mirrored` (a decision with A < 0 raises the
+opposite decision's log-prob instead of lowering its own, so for a binary action the update does
+not fade as the proxy grows confident).
+
     sampler = ProxySampler(model_cfg, rollout_cfg, ProxyConfig(layer=-1, max_rejections=4))
     proxy_params = init_proxy(model_cfg, ProxyConfig(), jax.random.key(0))
+    proxy_params = calibrate_from_rollouts(proxy_params, [sampler.generate(...)], embedding)
     out = sampler.generate(policy_params, proxy_params, prompt_batch, jax.random.key(1))
     loss, metrics = proxy_loss(network, proxy_params, embedding_table(policy_params), out, adv)
 """
@@ -59,6 +68,7 @@ from jigsaw_jax.rollout.sampling import filter_logits
 _NEG_INF = -1e30  # what filter_logits writes outside the plausible set
 _OUTSIDE = -1e25  # below this a (temperature-scaled) logit is outside the plausible set
 FALLBACKS = ("sample", "first_rejected")
+OBJECTIVES = ("mirrored", "reinforce")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,28 +98,60 @@ class ProxyConfig:
 # ---------------------------------------------------------------------------------------------
 
 
+class _Dense(nn.Module):
+  """x [..., E] -> [..., H] with LeCun-normal init (std 1/sqrt(E)) and logical axis names."""
+
+  features: int
+  zero_init: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    init = nn.initializers.zeros if self.zero_init else nn.initializers.lecun_normal()
+    kernel = self.param("kernel", layers.partitioned(init, ("embed", "mlp")),
+                        (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", layers.partitioned(nn.initializers.zeros, ("mlp",)),
+                      (self.features,), jnp.float32)
+    return jnp.einsum("...e,eh->...h", x, kernel) + bias
+
+
 class ProxyNetwork(nn.Module):
   """logit(accept) from the policy's state at the position and the candidate's embedding.
 
-  Both inputs are RMS-normalised (the residual stream grows with depth; embeddings do not), each
-  projected to `hidden_dim`, summed, passed through GELU and read out to one logit. The read-out
-  starts at zero with bias `init_accept_logit`, so the untrained proxy accepts everything with the
-  same probability and the system starts as the frozen policy.
+      logit = w . (gelu(W_s standardise(state)) * (W_c rmsnorm(embedding))) + b
 
-  The two projections are separate methods so that the loss can project the embedding table once
-  ([V, H]) and gather features per decision, instead of gathering [B, T, K, E] embeddings.
+  A gated bilinear form: the policy itself scores a candidate by a dot product of its state with
+  the candidate's embedding, and the proxy re-scores it with a learned low-rank one. (Measured on
+  the miniature, supervised on the decisions the proxy must learn: "reject a repeated index" is
+  learnt in ~200 Adam steps this way, ~400 with gelu(W_s s + W_c e) instead.)
+
+  Both inputs are RMS-normalised, then standardised per dimension with statistics of the states
+  and candidates at decision points (`*_mean`, `*_scale`: set once by `calibrate`, never trained;
+  gradients stop there). Without this the proxy is blind (measured on the miniature): what
+  distinguishes one puzzle from another is a sub-percent variation on top of a residual stream
+  shared by all prompts, and the candidates that matter ("1" and "2") have embeddings with cosine
+  0.92. Standardised, the first answer token is 93% linearly decodable from the state two tokens
+  later (57% raw), and the proxy learns to veto a repeated index; unstandardised it never did.
+
+  The read-out starts at zero with bias `init_accept_logit`, so the untrained proxy accepts
+  everything with the same probability and the system starts as the frozen policy. The two
+  projections are separate methods so that the loss projects the embedding table once ([V, H])
+  and gathers features per decision, instead of gathering [B, T, K, E] embeddings.
   """
 
   hidden_dim: int = 64
   init_accept_logit: float = 2.0
   eps: float = 1e-6
+  state_dim: int = 0  # the policy's hidden size (set by network_for)
 
   def setup(self):
-    norm = lambda: layers.RMSNorm(self.eps, jnp.float32, jnp.float32)
-    dense = lambda: layers.Projection((self.hidden_dim,), ("embed", "mlp"), use_bias=True,
-                                      bias_axes=("mlp",))
-    self.state_norm, self.state_proj = norm(), dense()
-    self.candidate_norm, self.candidate_proj = norm(), dense()
+    stat = lambda name, init: self.param(name, layers.partitioned(init, ("norm",)),
+                                         (self.state_dim,), jnp.float32)
+    self.state_mean = stat("state_mean", nn.initializers.zeros)
+    self.state_scale = stat("state_scale", nn.initializers.ones)
+    self.candidate_mean = stat("candidate_mean", nn.initializers.zeros)
+    self.candidate_scale = stat("candidate_scale", nn.initializers.ones)
+    self.state_proj = _Dense(self.hidden_dim)
+    self.candidate_proj = _Dense(self.hidden_dim)
     self.out_kernel = self.param("out_kernel", layers.partitioned(nn.initializers.zeros, ("mlp",)),
                                  (self.hidden_dim,), jnp.float32)
     self.out_bias = self.param("out_bias", layers.partitioned(
@@ -117,22 +159,69 @@ class ProxyNetwork(nn.Module):
 
   def state_features(self, state: jax.Array) -> jax.Array:
     """[..., E] policy residual stream -> [..., H]."""
-    return self.state_proj(self.state_norm(state.astype(jnp.float32)))
+    x = _standardize(rms_normalize(state, self.eps), self.state_mean, self.state_scale)
+    return nn.gelu(self.state_proj(x))
 
   def candidate_features(self, embedding: jax.Array) -> jax.Array:
     """[..., E] candidate token embeddings -> [..., H]."""
-    return self.candidate_proj(self.candidate_norm(embedding.astype(jnp.float32)))
+    x = _standardize(rms_normalize(embedding, self.eps), self.candidate_mean,
+                     self.candidate_scale)
+    return self.candidate_proj(x)
 
-  def readout(self, features: jax.Array) -> jax.Array:
-    """[..., H] summed features -> [...] accept logits."""
-    return jnp.einsum("...h,h->...", nn.gelu(features), self.out_kernel) + self.out_bias
+  def readout(self, state_features: jax.Array, candidate_features: jax.Array) -> jax.Array:
+    """[..., H] x [..., H] (broadcasting) -> [...] accept logits."""
+    return jnp.sum(state_features * candidate_features * self.out_kernel, -1) + self.out_bias
 
   def __call__(self, state: jax.Array, candidate: jax.Array) -> jax.Array:
-    return self.readout(self.state_features(state) + self.candidate_features(candidate))
+    return self.readout(self.state_features(state), self.candidate_features(candidate))
 
 
-def network_for(cfg: ProxyConfig) -> ProxyNetwork:
-  return ProxyNetwork(cfg.hidden_dim, cfg.init_accept_logit)
+def rms_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps)
+
+
+def _standardize(x: jax.Array, mean: jax.Array, scale: jax.Array) -> jax.Array:
+  return (x - jax.lax.stop_gradient(mean)) * jax.lax.stop_gradient(scale)
+
+
+def _moments(x: jax.Array, weights: jax.Array, floor: float):
+  x = rms_normalize(x)
+  w = weights.astype(jnp.float32)[:, None]
+  n = jnp.maximum(w.sum(), 1.0)
+  mean = (x * w).sum(0) / n
+  var = (((x - mean) ** 2) * w).sum(0) / n
+  return mean, jax.lax.rsqrt(var + floor * jnp.mean(var) + 1e-12)
+
+
+def calibrate(proxy_params, states: jax.Array, candidates: jax.Array, weights: jax.Array,
+              floor: float = 1e-4):
+  """Sets the proxy's input statistics from the decisions of some rollouts: policy states [N, E]
+  and candidate embeddings [N, E] (weights [N]: 1 for a decision the proxy took, 0 to ignore).
+  Dimensions that never vary keep a finite scale (variance floored at `floor` x the mean)."""
+  state_mean, state_scale = _moments(states, weights, floor)
+  cand_mean, cand_scale = _moments(candidates, weights, floor)
+  inner = dict(proxy_params["params"], state_mean=state_mean, state_scale=state_scale,
+               candidate_mean=cand_mean, candidate_scale=cand_scale)
+  return dict(proxy_params, params=inner)
+
+
+def calibrate_from_rollouts(proxy_params, rollouts, embedding: jax.Array):
+  """`calibrate` on every decision the proxy took in `rollouts` (ProxyRollout list)."""
+  states, candidates, weights = [], [], []
+  for out in rollouts:
+    e = out.states.shape[-1]
+    tries = out.candidates.shape[-1]
+    states.append(jnp.repeat(out.states.reshape(-1, e), tries, axis=0))
+    candidates.append(jnp.take(embedding, out.candidates.reshape(-1), axis=0))
+    weights.append(out.asked.reshape(-1))
+  return calibrate(proxy_params, jnp.concatenate(states), jnp.concatenate(candidates),
+                   jnp.concatenate(weights))
+
+
+def network_for(cfg: ProxyConfig, model_cfg: ModelConfig) -> ProxyNetwork:
+  return ProxyNetwork(cfg.hidden_dim, cfg.init_accept_logit,
+                      state_dim=model_cfg.text.hidden_size)
 
 
 def _dummy(model_cfg: ModelConfig):
@@ -142,14 +231,14 @@ def _dummy(model_cfg: ModelConfig):
 
 def abstract_proxy_params(model_cfg: ModelConfig, cfg: ProxyConfig, network=None) -> Any:
   """Boxed shapes with logical axis names (for shardings); allocates nothing."""
-  network = network or network_for(cfg)
+  network = network or network_for(cfg, model_cfg)
   return jax.eval_shape(lambda r: network.init(r, *_dummy(model_cfg)), jax.random.key(0))
 
 
 def init_proxy(model_cfg: ModelConfig, cfg: ProxyConfig, rng: jax.Array, shardings=None,
                network=None) -> Any:
   """Random proxy parameters {'params': ...}, created with `shardings` when given."""
-  network = network or network_for(cfg)
+  network = network or network_for(cfg, model_cfg)
   init = lambda r: nn.unbox(network.init(r, *_dummy(model_cfg)))
   return jax.jit(init, out_shardings=shardings)(rng)
 
@@ -205,7 +294,7 @@ class ProxySampler(Sampler):
                network: Optional[nn.Module] = None):
     super().__init__(model_cfg, cfg)
     self.proxy_cfg = proxy_cfg
-    self.network = network or network_for(proxy_cfg)
+    self.network = network or network_for(proxy_cfg, model_cfg)
     self.tap = proxy_cfg.tap_layer(model_cfg.text.num_layers)
     self._prefill = jax.jit(self._prefill_impl, static_argnames=("grid", "cache_len"))
     self._decode = jax.jit(self._decode_impl, donate_argnames=("cache",),
@@ -363,6 +452,16 @@ class ProxyLossConfig:
   epsilon_high: float = 0.2
   aggregation: str = "episode_mean"  # episode_mean (GRPO's) | decision_mean (over the batch)
   entropy_coef: float = 0.0  # bonus on the Bernoulli entropy of asked decisions
+  # reinforce: -A log pi(decision), PPO-clipped. mirrored: a decision with A >= 0 gets its own
+  # log-prob raised, one with A < 0 the opposite decision's (see proxy_loss).
+  objective: str = "mirrored"
+
+  def __post_init__(self):
+    if self.objective not in OBJECTIVES:
+      raise ValueError(f"proxy objective must be one of {OBJECTIVES}; got {self.objective!r}.")
+    if self.aggregation not in ("episode_mean", "decision_mean"):
+      raise ValueError("proxy loss aggregation must be 'episode_mean' or 'decision_mean'; got "
+                       f"{self.aggregation!r}.")
 
 
 def decision_logits(network: nn.Module, proxy_params, embedding: jax.Array, states: jax.Array,
@@ -375,36 +474,39 @@ def decision_logits(network: nn.Module, proxy_params, embedding: jax.Array, stat
                         method=lambda m, e: m.candidate_features(e))  # [V, H]
   state = network.apply(proxy_params, jax.lax.stop_gradient(states),
                         method=lambda m, s: m.state_features(s))  # [B, T, H]
-  features = state[:, :, None, :] + jnp.take(table, candidates, axis=0)
-  return network.apply(proxy_params, features, method=lambda m, f: m.readout(f))
+  return network.apply(proxy_params, state[:, :, None, :], jnp.take(table, candidates, axis=0),
+                       method=lambda m, s, c: m.readout(s, c))
 
 
 def proxy_loss(network: nn.Module, proxy_params, embedding: jax.Array, rollout: ProxyRollout,
                advantages: jax.Array, cfg: ProxyLossConfig = ProxyLossConfig()):
-  """Clipped policy gradient on the accept/reject decisions with per-episode advantages [B].
+  """Policy gradient on the accept/reject decisions with group-relative advantages.
 
-  Every decision the proxy took in an episode shares the episode's group-relative advantage
-  (GRPO over G episodes of a prompt). The policy's embedding and states enter through
+  `advantages` is per episode [B] (every decision of an episode shares its GRPO advantage) or per
+  position [B, T] (`prefix_advantages`). The policy's embedding and states enter through
   stop_gradient: only `proxy_params` receive gradients.
   """
   logit = decision_logits(network, proxy_params, embedding, rollout.states, rollout.candidates)
   logp = jnp.where(rollout.accepted, jax.nn.log_sigmoid(logit), jax.nn.log_sigmoid(-logit))
   mask = rollout.asked.astype(jnp.float32)
-  adv = advantages.astype(jnp.float32)[:, None, None]
+  adv = advantages.astype(jnp.float32)
+  adv = adv[:, None, None] if adv.ndim == 1 else adv[:, :, None]
   ratio = jnp.exp(logp - rollout.decision_logp)
   clipped = jnp.clip(ratio, 1.0 - cfg.epsilon_low, 1.0 + cfg.epsilon_high)
-  per_decision = -jnp.minimum(ratio * adv, clipped * adv)
+  if cfg.objective == "reinforce":
+    per_decision = -jnp.minimum(ratio * adv, clipped * adv)
+  else:
+    better = jnp.where(adv >= 0, rollout.accepted, ~rollout.accepted)
+    better_logp = jnp.where(better, jax.nn.log_sigmoid(logit), jax.nn.log_sigmoid(-logit))
+    per_decision = -jnp.abs(adv) * better_logp
   p = jax.nn.sigmoid(logit)
   entropy = -(p * jax.nn.log_sigmoid(logit) + (1 - p) * jax.nn.log_sigmoid(-logit))
   per_decision = per_decision - cfg.entropy_coef * entropy
   if cfg.aggregation == "episode_mean":
     count = mask.sum((1, 2))
     loss = jnp.mean((per_decision * mask).sum((1, 2)) / jnp.maximum(count, 1.0))
-  elif cfg.aggregation == "decision_mean":
-    loss = (per_decision * mask).sum() / jnp.maximum(mask.sum(), 1.0)
   else:
-    raise ValueError(f"proxy loss aggregation must be 'episode_mean' or 'decision_mean'; got "
-                     f"{cfg.aggregation!r}.")
+    loss = (per_decision * mask).sum() / jnp.maximum(mask.sum(), 1.0)
   n = jnp.maximum(mask.sum(), 1.0)
   metrics = {
       "proxy/decisions_per_episode": mask.sum((1, 2)).mean(),
@@ -414,3 +516,32 @@ def proxy_loss(network: nn.Module, proxy_params, embedding: jax.Array, rollout: 
       "proxy/clip_fraction": ((jnp.abs(ratio - clipped) > 0) * mask).sum() / n,
   }
   return loss, metrics
+
+
+def prefix_advantages(rewards: np.ndarray, tokens: np.ndarray, mask: np.ndarray,
+                      epsilon: float = 1e-4) -> np.ndarray:
+  """Per-position group-relative advantages [B, T] (host, numpy), rewards [P, G].
+
+  The decision at position t of an episode is credited against the episodes of its group that
+  reached t with the same accepted tokens: A[b, t] = (r_b - mean of r over those episodes,
+  itself included) / (std of the group's rewards + epsilon). At t = 0 every episode of the group
+  shares the prefix, so this is GRPO's advantage; later, episodes that already differ earlier stop
+  adding their (irrelevant) luck to the baseline. Measured on the miniature: with one shared
+  baseline, half of a group's rewards were decided by the first answer token and drowned the
+  signal of the second one.
+  """
+  rewards = np.asarray(rewards, np.float64)
+  groups, group = rewards.shape
+  tokens, mask = np.asarray(tokens), np.asarray(mask).astype(bool)
+  steps = tokens.shape[1]
+  out = np.zeros((groups * group, steps), np.float32)
+  for p in range(groups):
+    r = rewards[p]
+    scale = r.std(ddof=1) + epsilon
+    rows = tokens[p * group:(p + 1) * group]
+    for t in range(steps):
+      prefixes = [row[:t].tobytes() for row in rows]
+      for g in range(group):
+        same = [h for h in range(group) if prefixes[h] == prefixes[g]]
+        out[p * group + g, t] = (r[g] - r[same].mean()) / scale
+  return out * mask

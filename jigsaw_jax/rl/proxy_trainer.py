@@ -53,7 +53,8 @@ def proxy_config(config) -> proxy_lib.ProxyConfig:
 def loss_config(config) -> proxy_lib.ProxyLossConfig:
   return proxy_lib.ProxyLossConfig(
       epsilon_low=float(config.rl.epsilon_low), epsilon_high=float(config.rl.epsilon_high),
-      aggregation=config.proxy.aggregation, entropy_coef=float(config.proxy.entropy_coef))
+      aggregation=config.proxy.aggregation, entropy_coef=float(config.proxy.entropy_coef),
+      objective=config.proxy.objective)
 
 
 class _PolicyWithProxy:
@@ -89,6 +90,30 @@ def _rows(rollout: proxy_lib.ProxyRollout, parts: int):
           for i in range(parts)]
 
 
+def calibrate(config, proxy_params, sampler: proxy_lib.ProxySampler, policy, processor):
+  """The proxy's state statistics, from `proxy.calibration_batches` rollouts of the untrained
+  proxy on puzzles of their own stream (so training sees the same batches as a GRPO run)."""
+  batches = int(config.proxy.calibration_batches)
+  if not batches:
+    return proxy_params
+  data_cfg = config.data.copy_and_resolve_references()
+  with data_cfg.unlocked():
+    data_cfg.pipeline.seed = int(config.data.pipeline.seed) + 104729
+  stream = iter(data_lib.make_dataset(
+      data_cfg, record_transform=rollout_rewards.encode_record(processor),
+      shard_index=jax.process_index(), shard_count=jax.process_count()))
+  group, bucket = int(config.data.pipeline.group_size), int(config.rollout.prompt_bucket)
+  rollouts = []
+  for i in range(batches):
+    prompts, _ = rollout_rewards.unique_prompts(next(stream), group, processor, bucket)
+    rollouts.append(sampler.generate(policy, proxy_params, prompts,
+                                     jax.random.key(1_000_003 + i)))
+  logging.info("Proxy input statistics from %d decisions.",
+               sum(int(r.asked.sum()) for r in rollouts))
+  return proxy_lib.calibrate_from_rollouts(proxy_params, rollouts,
+                                           proxy_lib.embedding_table(policy))
+
+
 def train(config, workdir: str) -> Dict[str, Any]:
   """Trains the proxy as `config` says; returns the final metrics, evaluations and sizes."""
   # ----------------------------------------------------------------------------------------
@@ -121,7 +146,7 @@ def train(config, workdir: str) -> Dict[str, Any]:
     policy = pretrain_lib.pretrain(config, model_cfg, processor, policy, workdir)
   if config.init_from:
     policy = grpo_trainer.params_of_run(config, config.init_from, policy)
-  network = proxy_lib.network_for(pcfg)
+  network = proxy_lib.network_for(pcfg, model_cfg)
   proxy_shardings = sharding_lib.logical_to_sharding(
       proxy_lib.abstract_proxy_params(model_cfg, pcfg, network), mesh, rules)
   proxy_params = proxy_lib.init_proxy(model_cfg, pcfg, proxy_rng, proxy_shardings, network)
@@ -171,6 +196,8 @@ def train(config, workdir: str) -> Dict[str, Any]:
     state = restored.state
     data_iter.set_state(restored.data_state)
     logging.info("Resumed from step %d.", int(state["step"]))
+  else:
+    state["proxy"] = calibrate(config, state["proxy"], sampler, policy, processor)
 
   # ----------------------------------------------------------------------------------------
   # Evaluation: the frozen base alone, and base + proxy.
@@ -238,7 +265,10 @@ def train(config, workdir: str) -> Dict[str, Any]:
                                            **rollout_rewards.reward_options(config))
       rejections = np.asarray(rollout.rejections).sum(-1).reshape(scores["total"].shape)
       rewards = scores["total"] - cost * rejections
-      adv = jnp.asarray(np.asarray(advantage_fn(rewards), np.float32).reshape(-1))
+      if config.proxy.credit == "prefix":
+        adv = jnp.asarray(proxy_lib.prefix_advantages(rewards, tokens, mask))
+      else:
+        adv = jnp.asarray(np.asarray(advantage_fn(rewards), np.float32).reshape(-1))
 
     with timer.phase("update"):
       micro = _rows(rollout, micro_batches)

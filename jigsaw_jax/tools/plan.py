@@ -26,6 +26,7 @@ within tens of percent; params, optimizer state and KV cache are exact.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -107,7 +108,8 @@ def _temp(compiled) -> int:
 
 
 def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: int,
-                rollout: bool = True, log=print) -> Dict[str, Any]:
+                rollout: bool = True, num_layers: Optional[int] = None,
+                vision_depth: Optional[int] = None, log=print) -> Dict[str, Any]:
   """Compiles the GRPO step (and the rollout) of `preset` on `mesh`; returns per-device bytes."""
   import flax.linen as nn
   import jax
@@ -122,6 +124,13 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
   m = config.model
   cfg = presets.get_preset(preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=bool(m.remat),
                            attention_impl=m.attention_impl)
+  # Shallower copies of a preset: compile faster, and two depths give the per-layer cost.
+  if num_layers is not None:
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_layers=num_layers))
+  if vision_depth is not None:
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
+        cfg.vision, depth=vision_depth, fullatt_block_indexes=tuple(
+            i for i in cfg.vision.fullatt_block_indexes if i < vision_depth)))
   o, rl = config.optim, config.rl
   optimizer = steps_lib.make_optimizer(o.learning_rate, config.total_steps, o.warmup_steps,
                                        o.weight_decay, o.grad_clip, o.b1, o.b2, o.eps,
@@ -164,7 +173,8 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
                                 sharding=steps_lib.pixel_sharding(mesh, n))
 
   out: Dict[str, Any] = dict(
-      preset=preset, mesh="(" + ",".join(str(s) for s in mesh.devices.shape) + ")",
+      preset=preset if num_layers is None and vision_depth is None else
+      f"{preset} (L={cfg.text.num_layers}, V={cfg.vision.depth})", mesh="(" + ",".join(str(s) for s in mesh.devices.shape) + ")",
       devices=mesh.size, rows_per_micro_batch=rows, rows_per_device=rows // parts,
       micro_batches=micro, sequence=length, params=_shard_bytes(params),
       opt_state=_shard_bytes(opt_state), ref_params=_shard_bytes(params) if rl.beta else 0,
@@ -279,6 +289,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="merged image tokens of the prompt's one (square) image")
   parser.add_argument("--text_tokens", type=int, default=200, help="text tokens of the prompt")
   parser.add_argument("--no_rollout", action="store_true", help="skip prefill/decode")
+  parser.add_argument("--num_layers", type=int, default=None,
+                      help="compile a copy with this many decoder layers (faster; run two depths "
+                      "to get the cost per layer)")
+  parser.add_argument("--vision_depth", type=int, default=None,
+                      help="likewise for the vision tower's blocks")
   parser.add_argument("--json", default=None, help="also write the results here")
   parser.add_argument("--target", default="cpu", choices=["cpu", *TPU_TARGETS],
                       help="cpu: --devices simulated CPU devices (XLA's CPU compiler); "
@@ -309,6 +324,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   for preset in presets:
     results.append(plan_preset(config, preset, mesh, image_tokens=args.image_tokens,
                                text_tokens=args.text_tokens, rollout=not args.no_rollout,
+                               num_layers=args.num_layers, vision_depth=args.vision_depth,
                                log=lambda s: print(s, flush=True)))
   print(format_table(results))
   print("GiB per device. train peak = params + Adam + KL ref + grads (x2 when accumulating "

@@ -208,7 +208,6 @@ def test_dropout_only_with_a_dropout_rng(base):
   assert np.abs(dropped - plain).max() > 1e-4
 
 
-@pytest.mark.slow
 def test_remat_and_kv_cache_with_adapters(base):
   cfg = adapters.AdapterConfig(kind="graph_moe", attention_experts=True)
   model, variables = _adapted(cfg, base, randomize=True)

@@ -117,6 +117,7 @@ def _sequences(rows=4, prompt=5, completion=3, seed=0):
                        np.ones((rows, completion), np.float32), ())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("use_mesh", [False, True])
 def test_policy_steps_differentiate_only_the_adapter(use_mesh):
   from jigsaw_jax import sharding as sharding_lib

@@ -137,8 +137,17 @@ def test_gradients_reach_only_the_proxy(setup, sampler):
   out = sampler.generate(params, scripted(ACCEPT, embedding[int(setup[4].tokens[0, 0])]), batch,
                          jax.random.key(5))
   pcfg = proxy_lib.ProxyConfig(init_accept_logit=0.5)
-  network = proxy_lib.network_for(pcfg)
+  network = proxy_lib.network_for(pcfg, cfg)
   proxy_params = proxy_lib.init_proxy(cfg, pcfg, jax.random.key(1))
+  proxy_params = proxy_lib.calibrate_from_rollouts(proxy_params, [out], embedding)
+  # Calibrated: the proxy's standardised inputs at its decisions have mean 0 and variance 1.
+  inner, asked = proxy_params["params"], np.asarray(out.asked)
+  rows = np.nonzero(asked)
+  for name, x in (("state", out.states[rows[0], rows[1]]),
+                  ("candidate", embedding[out.candidates[asked]])):
+    z = (proxy_lib.rms_normalize(x) - inner[f"{name}_mean"]) * inner[f"{name}_scale"]
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-3)
+    assert abs(float(z.var(0).mean()) - 1.0) < 0.05, name
   # Give the read-out weights so that every proxy parameter is on the gradient's path.
   proxy_params = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.1 if "out_kernel" in jax.tree_util.keystr(p) else x, proxy_params)
@@ -157,15 +166,18 @@ def test_gradients_reach_only_the_proxy(setup, sampler):
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(policy_grads))
   nonzero = {jax.tree_util.keystr(p): float(jnp.abs(g).max()) > 0
              for p, g in jax.tree_util.tree_flatten_with_path(proxy_grads)[0]}
-  assert all(nonzero.values()), nonzero
+  statistics = {k for k in nonzero if "_mean" in k or "_scale" in k}
+  assert len(statistics) == 4 and not any(nonzero[k] for k in statistics)  # calibrated, frozen
+  assert all(v for k, v in nonzero.items() if k not in statistics), nonzero
 
 
 def test_the_proxy_is_small():
-  for preset, hidden, bound in (("tiny", 64, 0.05), ("qwen2_5_vl_3b", 256, 0.001)):
+  for preset, hidden, bound in (("tiny_jigsaw", 64, 0.05), ("qwen2_5_vl_3b", 256, 0.001)):
     cfg = presets.get_preset(preset)
     pcfg = proxy_lib.ProxyConfig(hidden_dim=hidden)
     proxy = proxy_lib.count_params(proxy_lib.abstract_proxy_params(cfg, pcfg))
-    assert proxy == 2 * (cfg.text.hidden_size * hidden + hidden + cfg.text.hidden_size) + hidden + 1
+    e = cfg.text.hidden_size
+    assert proxy == 2 * e * hidden + 4 * e + 3 * hidden + 1
     assert proxy / presets.count_params(preset) < bound
 
 
@@ -193,3 +205,16 @@ def test_task_proxy_trains_and_checkpoints_only_the_proxy(tmp_path):
   assert set(saved) == {"proxy", "opt_state", "step", "rng"}
   assert "decoder" not in str(saved["proxy"]) and "visual" not in str(saved["proxy"])
   ckpt.close()
+
+
+def test_prefix_advantages_credit_each_position_against_its_own_prefix():
+  rewards = np.array([[1.0, 0.0, 1.0, 0.0]])
+  tokens = np.array([[1, 5, 9], [1, 6, 9], [2, 5, 9], [2, 6, 9]])
+  mask = np.array([[1, 1, 1]] * 3 + [[1, 1, 0]], bool)
+  adv = proxy_lib.prefix_advantages(rewards, tokens, mask)
+  scale = np.std(rewards, ddof=1) + 1e-4
+  np.testing.assert_allclose(adv[:, 0], (rewards[0] - 0.5) / scale, rtol=1e-6)  # GRPO's
+  # At t=1 the first token splits the group in two: each pair is its own baseline.
+  np.testing.assert_allclose(adv[:, 1], np.array([0.5, -0.5, 0.5, -0.5]) / scale, rtol=1e-6)
+  # At t=2 every prefix is unique: nothing to compare with; past the end of an episode: 0.
+  np.testing.assert_array_equal(adv[:, 2], 0.0)

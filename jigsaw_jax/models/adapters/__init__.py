@@ -2,7 +2,7 @@
 
     adapter = AdapterConfig(kind="graph_moe", rank=8, experts=4, top_k=2, steps=2)
     cfg = dataclasses.replace(model_cfg, adapter=adapter)          # the adapted policy's shape
-    variables = {**base_variables, **init_adapters(cfg, rng)}      # {'params': base, 'adapter': ...}
+    variables = {**base_variables, **init_adapters(cfg, rng)}      # {'params', 'adapter'}
     out = VisionLanguageModel(cfg).apply(variables, ...)           # base + adapters
     ref = VisionLanguageModel(cfg).apply(variables, ..., adapters_enabled=False)  # the base alone
     out, state = model.apply(variables, ..., mutable=["losses"])   # + sown MoE balance losses

@@ -61,6 +61,17 @@ def route(logits: Array, top_k: int) -> Tuple[Array, Array]:
   return weights.astype(logits.dtype), balance_loss(probs, chosen, min(top_k, num_experts))
 
 
+def expert_matmul(x: Array, w: Array) -> Array:
+  """x [..., E, d] times each expert's w [E, d, o] -> [..., E, o], as one GEMM with a
+  block-diagonal [E*d, E*o] weight. XLA lowers the equivalent batched einsum (batch axis in the
+  middle) to a loop of small products: on CPU this is 3-5x faster at the tiny preset's sizes, and
+  the wasted MACs (E times the LoRA's) stay small next to the frozen FFN's."""
+  e, d, o = w.shape
+  block = (jnp.eye(e, dtype=w.dtype)[:, None, :, None] * w[:, :, None, :]).reshape(e * d, e * o)
+  lead = x.shape[:-2]
+  return (x.reshape(lead + (e * d,)) @ block).reshape(lead + (e, o))
+
+
 def balance_loss(probs: Array, chosen: Array, top_k: int) -> Array:
   """Switch-style auxiliary loss: E * sum_e f_e P_e (1 for uniform routing). probs and chosen
   (0/1 selection mask) are [..., E]; every leading position counts once."""
@@ -115,8 +126,10 @@ class ProjectionExperts(nn.Module):
     return y * jnp.asarray(cfg.alpha / r, self.dtype)
 
 
-class ExpertActivations(Dict[str, Array]):
-  """What one evaluation of the experts on an input leaves for mixing (see `MoEFFN.mix`)."""
+# What one evaluation of the experts leaves for mixing (`MoEFFN.mix`): 'base' [..., I], and with
+# expert LoRAs on gate/up also 'experts' (each expert's activation) and 'diff' (minus the base),
+# both [..., E, I].
+ExpertActivations = Dict[str, Array]
 
 
 class MoEFFN(nn.Module):
@@ -158,8 +171,9 @@ class MoEFFN(nn.Module):
   def _delta(self, name: str, x: Array) -> Array:
     """s * B_e A_e dropout(x) for every expert: [..., d_in] -> [..., E, d_out]."""
     x = lora.dropout(self, x, self.cfg.dropout)
-    z = jnp.einsum("...d,edr->...er", x, self.lora_a[name].astype(self.dtype))
-    y = jnp.einsum("...er,ero->...eo", z, self.lora_b[name].astype(self.dtype))
+    a = self.lora_a[name].astype(self.dtype)  # [E, d, r]: all experts' A side by side
+    z = (x @ a.transpose(1, 0, 2).reshape(a.shape[1], -1)).reshape(x.shape[:-1] + (a.shape[0], -1))
+    y = expert_matmul(z, self.lora_b[name].astype(self.dtype))
     return y * jnp.asarray(self.scale, self.dtype)
 
   def experts(self, x: Array, gate_proj: Callable, up_proj: Callable,
@@ -169,7 +183,7 @@ class MoEFFN(nn.Module):
     x = x.astype(self.dtype)
     gate, up = gate_proj(x), up_proj(x)
     base = act(gate) * up
-    out = ExpertActivations(base=base)
+    out = {"base": base}
     if "gate_proj" in self.targets or "up_proj" in self.targets:
       g = gate[..., None, :] + (self._delta("gate_proj", x) if "gate_proj" in self.targets
                                 else 0)
@@ -190,13 +204,13 @@ class MoEFFN(nn.Module):
     """sum_e w_e FFN_e(x), given the experts' activations and routing weights [..., E]."""
     a = acts["base"]
     if "diff" in acts:
-      a = a + jnp.einsum("...e,...ei->...i", weights, acts["diff"])
+      a = a + jnp.sum(weights[..., None] * acts["diff"], axis=-2)
     y = down_proj(a)
     if "down_proj" in self.targets:
       down_a = self.lora_a["down_proj"].astype(self.dtype)
       if "experts" in acts:  # each expert's own activation
         xd = lora.dropout(self, acts["experts"], self.cfg.dropout)
-        z = jnp.einsum("...ei,eir->...er", xd, down_a)
+        z = expert_matmul(xd, down_a)
       else:  # gate/up untouched: all experts share the base activation
         xd = lora.dropout(self, acts["base"], self.cfg.dropout)
         z = jnp.einsum("...i,eir->...er", xd, down_a)
