@@ -2,6 +2,7 @@
 
   python benchmarks/grpo_step.py [--peer auto|trl|torch] [--steps 8] [--warmup 1]
                                  [--prompts 4] [--group 8] [--new-tokens 32] [--image-size 112]
+                                 [--no-share-prompt]
 
 The workload is the paper's step at toy scale: 4 jigsaw prompts (full 2x1, one puzzle image each,
 112x112) x G=8 samples, 32 new tokens forced (EOS and the vision placeholders are suppressed on
@@ -25,8 +26,9 @@ Each side runs `--warmup` steps, then `--steps` timed steps on fresh prompts; ou
 right after the peer's step i (untimed for the peer), so both see the same machine load. Our first
 step's extra time is the one-off compilation, reported apart. Steps are split into rollout (prompt
 encoding + generation), reward (decode + score + advantages) and update (everything else: the
-reference and policy forwards, backward, optimizer). The last line is `speedup_vs_<peer>=<ratio>`
-of median seconds per step (peer / ours).
+reference and policy forwards, backward, optimizer). Our update runs each prompt once for its G
+samples (rl/steps.py `shared_prompt_scores`); `--no-share-prompt` scores every row on its own, as
+TRL does. The last line is `speedup_vs_<peer>=<ratio>` of median seconds per step (peer / ours).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ class Workload:
   warmup: int = 1
   steps: int = 8
   prompt_bucket: int = 16  # ours pads prompts to a multiple (the `:tiny` configs' value)
+  share_prompt: bool = True  # ours: the update runs each prompt once for its G samples
 
   @property
   def total_steps(self) -> int:
@@ -177,7 +180,8 @@ class Ours:
     loss_cfg = losses_lib.LossConfig(name="grpo", beta=work.beta, kl_estimator="k3",
                                      max_completion_length=work.new_tokens)
     optimizer = make_optimizer(work.learning_rate, work.total_steps)
-    self.steps = PolicySteps(self.cfg, loss_cfg, optimizer, work.temperature)
+    self.steps = PolicySteps(self.cfg, loss_cfg, optimizer, work.temperature,
+                             share_prompt=work.share_prompt)
     self.advantage_fn = advantages_lib.get("grpo")
     # The update donates the params' buffers, so the KL reference gets its own copy.
     self.ref_params = jax.tree_util.tree_map(jnp.copy, self.params) if work.beta else None
@@ -545,9 +549,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, float]:
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--steps", type=int, default=8)
   parser.add_argument("--threads", type=int, default=2, help="PyTorch intra-op threads")
+  parser.add_argument("--no-share-prompt", dest="share_prompt", action="store_false",
+                      help="ours scores every row's prompt on its own (as before sharing)")
   args = parser.parse_args(argv)
   work = Workload(prompts=args.prompts, group=args.group, new_tokens=args.new_tokens,
-                  image_size=args.image_size, warmup=args.warmup, steps=args.steps)
+                  image_size=args.image_size, warmup=args.warmup, steps=args.steps,
+                  share_prompt=args.share_prompt)
 
   import torch
   torch.set_num_threads(args.threads)
@@ -568,7 +575,8 @@ def _compare(args, work: Workload, directory: str) -> Dict[str, float]:
         f"{torch.get_num_threads()} threads; transformers {transformers.__version__}; preset "
         f"{args.preset}; {work.prompts} prompts x G={work.group}; {work.new_tokens} new tokens "
         f"forced; images {work.image_size}px; beta={work.beta}; {work.warmup} warm-up + "
-        f"{work.steps} timed steps; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; load "
+        f"{work.steps} timed steps; ours shares prompts: {work.share_prompt}; "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; load "
         f"average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
   # Our steps run between the peer's (step i of each, alternately), so both see the same load.

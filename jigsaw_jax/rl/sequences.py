@@ -3,7 +3,8 @@
 The policy is scored on prompt + completion: token ids [R, L + T] (prompts left-padded to L,
 completions right-padded to T), the attention mask, M-RoPE position ids recomputed over the whole
 sequence exactly as the reference does, and every row's images (a prompt's images repeated for
-its G samples).
+its G samples). `group` records that rows come in groups of G sharing one prompt, so scoring may
+run each prompt once (rl/steps.py `shared_prompt_scores`); 1 promises nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ class SequenceBatch(NamedTuple):
   completion: np.ndarray  # int32 [R, T]: the sampled tokens
   completion_mask: np.ndarray  # float32 [R, T]: 1 up to and including the first EOS
   grid: Tuple[Tuple[int, int, int], ...]  # static image grids of all rows, in row order
+  group: int = 1  # rows g*G ... g*G + G-1 hold the same prompt and images (static)
 
   @property
   def prompt_length(self) -> int:
@@ -51,16 +53,19 @@ def build_sequences(cfg: ModelConfig, prompts: PromptBatch, completion: np.ndarr
   positions = np.concatenate([index.positions, np.broadcast_to(tail, (3,) + tail.shape)], axis=2)
   grid = tuple(tuple(int(v) for v in g) for g in np.asarray(rows.image_grid_thw).reshape(-1, 3))
   return SequenceBatch(ids.astype(np.int32), attn.astype(np.int32), positions.astype(np.int32),
-                       np.asarray(rows.pixel_values, np.float32), completion, completion_mask, grid)
+                       np.asarray(rows.pixel_values, np.float32), completion, completion_mask,
+                       grid, max(int(group_size), 1))
 
 
 def split_rows(batch: SequenceBatch, num_splits: int):
-  """Yields `num_splits` consecutive row blocks (micro-batches) with their own images."""
+  """Yields `num_splits` consecutive row blocks (micro-batches) with their own images. Blocks of
+  whole groups keep `group`; a split through a group leaves blocks that share nothing (group 1)."""
   rows = batch.input_ids.shape[0]
   if rows % num_splits:
     raise ValueError(f"{rows} rows do not split into {num_splits} equal micro-batches; make "
                      "prompts_per_batch * group_size a multiple of the number of micro-batches.")
   size = rows // num_splits
+  group = batch.group if size % batch.group == 0 else 1
   images_per_row = len(batch.grid) // rows if rows else 0
   if images_per_row * rows != len(batch.grid):
     raise ValueError("micro-batching needs the same number of images in every row.")
@@ -72,4 +77,4 @@ def split_rows(batch: SequenceBatch, num_splits: int):
     yield SequenceBatch(
         batch.input_ids[lo:hi], batch.attn_mask[lo:hi], batch.positions[:, lo:hi],
         batch.pixel_values[offsets[g_lo]:offsets[g_hi]], batch.completion[lo:hi],
-        batch.completion_mask[lo:hi], batch.grid[g_lo:g_hi])
+        batch.completion_mask[lo:hi], batch.grid[g_lo:g_hi], group)

@@ -20,6 +20,11 @@ float summation order (tests/test_scale_out.py checks four meshes and two proces
     params = ...created with out_shardings=steps.param_shardings...
     opt_state = steps.init_optimizer(params)                # created already sharded
     seq = steps.shard_batch(seq)                            # this process's rows -> global arrays
+
+Rows that come in groups sharing a prompt (`seq.group` = G, as `build_sequences` makes them) are
+scored with the prompt run once per group and its KV cache shared by the G completions
+(`shared_prompt_scores`): the same numbers, ~G times less prompt work. `share_prompt=False`, G = 1,
+or a mesh whose data-like axes do not divide the number of prompts use the row-by-row pass.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jigsaw_jax import sharding as sharding_lib
 from jigsaw_jax.models import adapters as adapters_lib
+from jigsaw_jax.models import decoder as decoder_lib
 from jigsaw_jax.models import mllm
 from jigsaw_jax.models.config import ModelConfig
 from jigsaw_jax.rl import losses
@@ -51,14 +57,23 @@ def _array_fields(seq: SequenceBatch):
 
 def completion_scores(model: mllm.VisionLanguageModel, params, input_ids, attn_mask, positions,
                       pixel_values, completion, grid, temperature: float, *,
-                      adapters_enabled: bool = True, rngs=None, with_aux: bool = False):
+                      adapters_enabled: bool = True, rngs=None, with_aux: bool = False,
+                      group: int = 1):
   """log p(completion token) and the entropy at each completion position, float32 [R, T].
 
   Logits are computed only at the T positions that predict completion tokens, so the [R, L+T, V]
   tensor over the whole sequence is never materialised. With adapters: `adapters_enabled=False`
   scores the base alone, `rngs={'dropout': key}` turns on adapter dropout, and `with_aux` also
   returns the mean MoE balance loss (0 without experts) as a third value.
+
+  `group` > 1 says that rows g*G ... g*G + G-1 share one prompt (and its images), as
+  `build_sequences` lays them out: the vision tower and the prompt then run once per distinct
+  prompt (`shared_prompt_scores`), the same numbers up to float rounding.
   """
+  if group > 1:
+    return shared_prompt_scores(model, params, input_ids, attn_mask, positions, pixel_values,
+                                completion, grid, temperature, group,
+                                adapters_enabled=adapters_enabled, rngs=rngs, with_aux=with_aux)
   t = completion.shape[1]
   out = model.apply(params, input_ids, positions, attn_mask, pixel_values, grid or None,
                     return_hidden=True, return_logits=False, adapters_enabled=adapters_enabled,
@@ -66,6 +81,79 @@ def completion_scores(model: mllm.VisionLanguageModel, params, input_ids, attn_m
   out, state = out if with_aux else (out, {})
   hidden = out.hidden[:, -t - 1:-1]
   logits = model.apply(params, hidden, method=lambda m, h: m.decoder.logits(h))
+  logits = logits / temperature
+  scores = (losses.token_log_probs(logits, completion), losses.entropy(logits))
+  return scores + (adapters_lib.balance_loss(state),) if with_aux else scores
+
+
+def _first_of_group_patches(grid, rows: int, group: int):
+  """(indices, grids) of the images of every group's first row: which patches of `pixel_values`
+  (all rows' images, in row order) they are (None: equal images, a reshape picks them)."""
+  per_row = len(grid) // rows
+  firsts = [i for p in range(rows // group) for i in range(p * group * per_row,
+                                                           p * group * per_row + per_row)]
+  prompt_grid = tuple(grid[i] for i in firsts)
+  sizes = [int(np.prod(g)) for g in grid]
+  if len(set(sizes)) <= 1:
+    return None, prompt_grid  # Equal images: a reshape picks them, which shards cleanly.
+  offsets = np.concatenate([[0], np.cumsum(sizes)])
+  index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in firsts])
+  return index.astype(np.int32), prompt_grid
+
+
+def shared_prompt_scores(model: mllm.VisionLanguageModel, params, input_ids, attn_mask,
+                         positions, pixel_values, completion, grid, temperature: float,
+                         group: int, *, adapters_enabled: bool = True, rngs=None,
+                         with_aux: bool = False):
+  """`completion_scores` with the G rows of a group sharing their prompt's forward pass.
+
+  The prompt (first row of each group, images included) fills a KV cache with room for the
+  completion; the cache is repeated G times along the batch and the completion tokens but the
+  last run on it, at the positions `build_sequences` gave them. The prompt's last hidden state
+  predicts completion token 0, the completion's own hidden states the rest. Gradients reach the
+  prompt through `jnp.repeat` (summed over the group), so loss and grads are those of the
+  unshared pass. Prompts (image tokens and instructions) are most of a GRPO batch's tokens, so
+  this does close to G times less work.
+
+  With MoE adapters the balance loss is sown once by the prompt pass and once by the completion
+  pass and `balance_loss` averages the two Switch losses, where the unshared pass computes one
+  over all positions (prompt rows counted G times): the regulariser differs slightly; log-probs,
+  entropies and the policy loss do not.
+  """
+  rows, t = completion.shape
+  length = input_ids.shape[1] - t
+  prompts = rows // group
+  first = lambda x, axis=0: jax.lax.index_in_dim(
+      x.reshape(x.shape[:axis] + (prompts, group) + x.shape[axis + 1:]), 0, axis + 1, False)
+  prompt_ids = first(input_ids)[:, :length]
+  prompt_mask = first(attn_mask)[:, :length]
+  prompt_positions = first(positions, positions.ndim - 2)[..., :length]  # M-RoPE: [3, R, L+T]
+  prompt_pixels, prompt_grid = None, ()
+  if grid:
+    index, prompt_grid = _first_of_group_patches(grid, rows, group)
+    if index is None:
+      prompt_pixels = first(pixel_values.reshape(rows, -1, pixel_values.shape[-1]))
+      prompt_pixels = prompt_pixels.reshape(-1, pixel_values.shape[-1])
+    else:
+      prompt_pixels = jnp.take(pixel_values, jnp.asarray(index), axis=0)
+  repeat = lambda x: jnp.repeat(x, group, axis=0) if x.ndim else x  # The cache index is a scalar.
+
+  def forward(m: mllm.VisionLanguageModel):
+    # One apply for both passes: adapter dropout draws fresh masks for each, as in one pass.
+    cache = decoder_lib.init_cache(m.cfg.text, prompts, length + t - 1, jnp.dtype(m.cfg.dtype))
+    out = m(prompt_ids, prompt_positions, prompt_mask, prompt_pixels, prompt_grid or None, cache,
+            return_hidden=True, return_logits=False, adapters_enabled=adapters_enabled)
+    hidden = repeat(out.hidden[:, -1:])
+    if t > 1:
+      tail = m(completion[:, :-1], positions[..., length:length + t - 1],
+               attn_mask[:, length:length + t - 1], cache=jax.tree.map(repeat, out.cache),
+               return_hidden=True, return_logits=False, adapters_enabled=adapters_enabled)
+      hidden = jnp.concatenate([hidden, tail.hidden], axis=1)
+    return m.decoder.logits(hidden)
+
+  out = model.apply(params, method=forward, rngs=rngs,
+                    mutable=[adapters_lib.LOSSES] if with_aux else False)
+  logits, state = out if with_aux else (out, {})
   logits = logits / temperature
   scores = (losses.token_log_probs(logits, completion), losses.entropy(logits))
   return scores + (adapters_lib.balance_loss(state),) if with_aux else scores
@@ -160,6 +248,7 @@ class PolicySteps:
   `optimizer_state_shardings(...)`, which `init_optimizer` uses to create the state.
   `constrain_activations=False` traces the model outside the mesh context: params and batches keep
   their shardings and XLA's propagation alone places the activations (a debugging aid).
+  `share_prompt=False` scores every row on its own even when its batch says rows share prompts.
   """
 
   def __init__(self, model_cfg: ModelConfig, loss_cfg: losses.LossConfig,
@@ -167,7 +256,7 @@ class PolicySteps:
                trainable: Optional[Callable[[Any], Any]] = None, *,
                mesh: Optional[Mesh] = None, rules: Optional[Sequence[Any]] = None,
                param_shardings: Any = None, opt_state_shardings: Any = None,
-               constrain_activations: bool = True):
+               constrain_activations: bool = True, share_prompt: bool = True):
     del trainable  # Adapters decide: with model_cfg.adapter only the 'adapter' collection trains.
     self.model_cfg = model_cfg
     self.model = mllm.VisionLanguageModel(model_cfg)
@@ -175,6 +264,7 @@ class PolicySteps:
     self.loss_fn = losses.get(loss_cfg.name)
     self.optimizer = optimizer
     self.temperature = temperature
+    self.share_prompt = share_prompt
     self.mesh = mesh
     self.rules = sharding_lib.normalize_rules(
         sharding_lib.DEFAULT_RULES if rules is None else rules)
@@ -182,8 +272,8 @@ class PolicySteps:
     self.constrain_activations = False
     self.trainable_shardings = None  # param_shardings of what the optimizer updates
     if mesh is None:
-      self._score = jax.jit(self._score_by_grid, static_argnums=(0, 1))
-      self._grads = jax.jit(self._grads_by_grid, static_argnums=0)
+      self._score = jax.jit(self._score_by_grid, static_argnums=(0, 1, 2))
+      self._grads = jax.jit(self._grads_by_grid, static_argnums=(0, 1))
       self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
       self._init_opt = jax.jit(optimizer.init)
       return
@@ -202,12 +292,14 @@ class PolicySteps:
     rows = lambda ndim, axis=0: rows_sharding(mesh, ndim, axis)
     # pixel_values: None takes the argument's placement, chosen per shape by `shard_batch`.
     batch_in = (rows(2), rows(2), rows(3, 1), None, rows(2), rows(2))
-    # The image grid is static and comes first (jit takes no keyword arguments with shardings).
-    self._score = jax.jit(self._score_by_grid, static_argnums=(0, 1),
+    # The image grid and the group size are static and come first (jit takes no keyword
+    # arguments with shardings). Shared prompts are sliced from the rows inside the jit, so
+    # their rows split over the data axes like the completions' (`prompt_group` checks that).
+    self._score = jax.jit(self._score_by_grid, static_argnums=(0, 1, 2),
                           in_shardings=(param_shardings,) + batch_in,
                           out_shardings=(rows(2), rows(2)))
     self._grads = jax.jit(
-        self._grads_by_grid, static_argnums=0,
+        self._grads_by_grid, static_argnums=(0, 1),
         in_shardings=(param_shardings,) + batch_in + (rows(1), rows(2), rows(2), rep),
         out_shardings=(trainable_shardings, rep, rep))
     self._update = jax.jit(
@@ -272,7 +364,24 @@ class PolicySteps:
         local = multihost_utils.process_allgather(local, tiled=True)  # replicated: all patches
       pixels = _on(local, target)
     return SequenceBatch(out["input_ids"], out["attn_mask"], out["positions"], pixels,
-                         out["completion"], out["completion_mask"], grid * factor)
+                         out["completion"], out["completion_mask"], grid * factor, seq.group)
+
+  def prompt_group(self, seq: SequenceBatch) -> int:
+    """G when `seq`'s rows are scored with shared prompts, else 1 (row by row). Sharing needs
+    whole groups, the same number of images in every row and, on a mesh, a number of prompts
+    that the data-like axes divide (the prompt pass is split over them like the rows)."""
+    return self.shared_group(seq.input_ids.shape[0], int(getattr(seq, "group", 1)),
+                             len(seq.grid))
+
+  def shared_group(self, rows: int, group: int, images: int = 0) -> int:
+    """`prompt_group` from shapes: `rows` rows in groups of `group`, holding `images` images."""
+    if not self.share_prompt or group <= 1 or rows % group:
+      return 1
+    if images % rows:
+      return 1
+    if self.mesh is not None and (rows // group) % batch_parallelism(self.mesh):
+      return 1
+    return group
 
   def _rows(self, x: Any, ndim: int) -> Any:
     if self.mesh is None or x is None:
@@ -290,27 +399,27 @@ class PolicySteps:
   # -- scoring (old / reference log-probs) --------------------------------------------------
 
   def _score_impl(self, params, input_ids, attn_mask, positions, pixel_values, completion,
-                  completion_mask, *, grid, adapters_enabled=True):
+                  completion_mask, *, grid, adapters_enabled=True, group=1):
     del completion_mask
     return completion_scores(self.model, params, input_ids, attn_mask, positions,
                              pixel_values, completion, grid, self.temperature,
-                             adapters_enabled=adapters_enabled)
+                             adapters_enabled=adapters_enabled, group=group)
 
-  def _score_by_grid(self, grid, adapters_enabled, *args):
-    return self._score_impl(*args, grid=grid, adapters_enabled=adapters_enabled)
+  def _score_by_grid(self, grid, adapters_enabled, group, *args):
+    return self._score_impl(*args, grid=grid, adapters_enabled=adapters_enabled, group=group)
 
   def score(self, params, seq: SequenceBatch, adapters_enabled: bool = True):
     """(logp, entropy) float32 [R, T] of the batch's completions under `params`;
     `adapters_enabled=False` scores the base model alone (the KL reference of adapter runs)."""
     seq = self.shard_batch(seq)
     with self._context():
-      return self._score(seq.grid, bool(adapters_enabled),
+      return self._score(seq.grid, bool(adapters_enabled), self.prompt_group(seq),
                          self._place_state(params, self.param_shardings), *_array_fields(seq))
 
   # -- gradients ----------------------------------------------------------------------------
 
   def _grads_impl(self, params, input_ids, attn_mask, positions, pixel_values, completion,
-                  completion_mask, advantages, old_logp, ref_logp, rng=None, *, grid):
+                  completion_mask, advantages, old_logp, ref_logp, rng=None, *, grid, group=1):
     # With adapters only the 'adapter' collection is differentiated: no base gradient exists.
     trainable, frozen = adapters_lib.split(params)
     adapter = self.model_cfg.adapter
@@ -319,7 +428,8 @@ class PolicySteps:
       logp, entropy, *aux = completion_scores(
           self.model, adapters_lib.join(p, frozen), input_ids, attn_mask,
           positions, pixel_values, completion, grid, self.temperature,
-          rngs=None if rng is None else {"dropout": rng}, with_aux=adapter is not None)
+          rngs=None if rng is None else {"dropout": rng}, with_aux=adapter is not None,
+          group=group)
       old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
       loss, metrics = self.loss_fn(logp, old, ref_logp, advantages, completion_mask,
                                    self.loss_cfg)
@@ -334,8 +444,8 @@ class PolicySteps:
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
     return grads, loss, metrics
 
-  def _grads_by_grid(self, grid, *args):
-    return self._grads_impl(*args, grid=grid)
+  def _grads_by_grid(self, grid, group, *args):
+    return self._grads_impl(*args, grid=grid, group=group)
 
   def grads(self, params, seq: SequenceBatch, advantages, old_logp=None, ref_logp=None,
             rng=None):
@@ -344,9 +454,10 @@ class PolicySteps:
     variables and the grads cover the adapter only; `rng` drives adapter dropout."""
     seq = self.shard_batch(seq)
     with self._context():
-      return self._grads(seq.grid, self._place_state(params, self.param_shardings),
-                         *_array_fields(seq), self._rows(advantages, 1),
-                         self._rows(old_logp, 2), self._rows(ref_logp, 2), rng)
+      return self._grads(seq.grid, self.prompt_group(seq),
+                         self._place_state(params, self.param_shardings), *_array_fields(seq),
+                         self._rows(advantages, 1), self._rows(old_logp, 2),
+                         self._rows(ref_logp, 2), rng)
 
   # -- update -------------------------------------------------------------------------------
 

@@ -190,7 +190,9 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
            row((rows, new_tokens), jnp.float32) if rl.beta else None, None)
   start = time.time()
   with policy._context():
-    compiled = policy._grads.lower(grid, params, *batch, *extra).compile()
+    # Static: the group size when the G rows of a prompt share its forward pass (as the trainer's).
+    shared = policy.shared_group(rows, group, len(grid))
+    compiled = policy._grads.lower(grid, shared, params, *batch, *extra).compile()
   out["grads_temp"] = _temp(compiled)
   log(f"  {preset} grads compiled in {time.time() - start:.0f} s")
   start = time.time()
