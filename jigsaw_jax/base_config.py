@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_iterations=1,  # mu: updates per batch against the sampling policy's log-probs
       micro_batches=1,  # gradient accumulation within one optimizer step
       overlong_buffer=0,  # DAPO's soft overlong punishment window in tokens (0: off)
+      # Score each prompt once and share its KV cache with its G completions (same numbers, about
+      # G times less prompt compute); False: every row runs its own copy of the prompt.
+      share_prompt=True,
   ))
 
   # Rewards: 1.0 * accuracy + 0.5 * format, with the reference's rules (jigsaw_jax/puzzles/rewards.py).

@@ -34,6 +34,8 @@ class VisionConfig:
   hidden_act: str = "silu"
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
+  # Std of the normal draw of every weight matrix at random init (HF's `initializer_range`).
+  initializer_range: float = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +55,8 @@ class TextConfig:
   qkv_bias: bool = True
   tie_word_embeddings: bool = True
   hidden_act: str = "silu"
+  # Std of the normal draw of every weight matrix and the embedding at random init (HF's name).
+  initializer_range: float = 0.02
 
 
 @dataclasses.dataclass(frozen=True)

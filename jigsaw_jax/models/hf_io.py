@@ -167,7 +167,8 @@ def model_config_from_hf(config: Mapping[str, Any], **overrides) -> ModelConfig:
       rope_theta=float(rope["rope_theta"]),
       # The reference falls back to (16, 24, 24) when the config names no sections.
       mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))), qkv_bias=True,
-      tie_word_embeddings=bool(hf.tie_word_embeddings), hidden_act=tc.hidden_act)
+      tie_word_embeddings=bool(hf.tie_word_embeddings), hidden_act=tc.hidden_act,
+      initializer_range=float(getattr(tc, "initializer_range", 0.02)))
   cfg = ModelConfig(
       text=text, vision=vision.vision_config_from_hf(hf.vision_config),
       image_token_id=hf.image_token_id, video_token_id=hf.video_token_id,
@@ -196,7 +197,8 @@ def hf_config_from_model_config(cfg: ModelConfig, torch_dtype: str = "float32"):
       max_position_embeddings=128000 if model_type == "qwen2_5_vl" else 32768,
       rope_parameters=dict(rope_type="default", rope_theta=t.rope_theta,
                            mrope_section=list(t.mrope_section)),
-      bos_token_id=token(151643), eos_token_id=token(151645), use_sliding_window=False)
+      bos_token_id=token(151643), eos_token_id=token(151645), use_sliding_window=False,
+      initializer_range=t.initializer_range)
   config_cls = transformers.CONFIG_MAPPING[model_type]
   hf = config_cls(
       text_config=text_config, vision_config=vision.vision_config_to_hf(cfg.vision),

@@ -170,13 +170,41 @@ def dummy_inputs(cfg: ModelConfig) -> dict:
   return inputs
 
 
+# The layers draw every weight matrix (and the embedding) from normal(0, LAYER_INIT_STD), the
+# reference's default initializer_range; biases start at 0 and norm scales at 1.
+LAYER_INIT_STD = 0.02
+
+
+def apply_initializer_range(cfg: ModelConfig, variables: dict) -> dict:
+  """Rescales freshly initialised weights to each tower's `initializer_range`.
+
+  A normal(0, 0.02) draw times k is a normal(0, 0.02 k) draw, so this equals initialising with
+  the configured std. Only matrices and embeddings scale (biases are 0, norm scales stay 1);
+  only the 'params' collection is touched (adapters keep their own initialisation). A no-op for
+  the published presets (0.02); the CPU jigsaw preset needs larger draws (see presets.py).
+  """
+  factors = {"decoder": cfg.text.initializer_range / LAYER_INIT_STD,
+             "visual": (cfg.vision.initializer_range / LAYER_INIT_STD) if cfg.vision else 1.0}
+  if all(f == 1.0 for f in factors.values()):
+    return variables
+
+  def scale(path, x):
+    names = [getattr(k, "key", str(k)) for k in path]
+    if names[0] != "params" or x.ndim < 2:  # biases and norm scales are 1-D
+      return x
+    return x * jnp.asarray(factors.get(names[1], 1.0), x.dtype)
+
+  return jax.tree_util.tree_map_with_path(scale, variables)
+
+
 def init_params(cfg: ModelConfig, rng: Array) -> dict:
   """Random parameters {'params': ...} (unboxed arrays) in cfg.param_dtype."""
   model = VisionLanguageModel(cfg)
   inputs = dummy_inputs(cfg)
   grid = inputs.pop("image_grid_thw", None)
-  init = jax.jit(lambda r: model.init(r, **inputs, image_grid_thw=grid))
-  return nn.unbox(init(rng))
+  init = jax.jit(lambda r: apply_initializer_range(
+      cfg, nn.unbox(model.init(r, **inputs, image_grid_thw=grid))))
+  return init(rng)
 
 
 def abstract_params(cfg: ModelConfig) -> dict:

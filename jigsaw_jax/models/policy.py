@@ -59,7 +59,8 @@ def initial_params(model: Any, cfg: ModelConfig, rng: jax.Array,
   inputs = mllm.dummy_inputs(cfg)
   grid = inputs.pop("image_grid_thw", None)
   module = mllm.VisionLanguageModel(cfg)
-  init = lambda r: nn.unbox(module.init(r, **inputs, image_grid_thw=grid))
+  init = lambda r: mllm.apply_initializer_range(
+      cfg, nn.unbox(module.init(r, **inputs, image_grid_thw=grid)))
   return jax.jit(init, out_shardings=shardings)(rng)
 
 

@@ -83,16 +83,24 @@ def small() -> ModelConfig:
 
 
 def tiny_jigsaw() -> ModelConfig:
-  """`tiny` with no 2x2 patch merging, for the CPU jigsaw miniature.
+  """`tiny` with no 2x2 patch merging and larger initial weights, for the CPU jigsaw miniature.
 
   Qwen's processor makes image sides multiples of patch * merge, so with merging every 2x1 seam
   falls exactly between two patches; without it (sides multiples of 14 only) a 98-pixel image has
   its seam inside a patch, where the patch embedding alone can see it. Measured with a vision
   probe on held-out bundled crops: 90% swap detection after 600 supervised steps, against 71%
   with merging.
+
+  The reference's initializer_range (0.02) suits wide towers; in this 64-wide vision tower and
+  128-wide decoder it leaves the image's contribution to the answer so small that supervised
+  training on 2x1 answers (batch 16, lr 1e-3, the full Jigsaw-R1 prompt) stayed at chance for 600
+  steps. With draws of std 0.16 (vision) and 0.06 (decoder) the same run reached 82% held-out
+  accuracy in 500 steps.
   """
   cfg = tiny()
-  return dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, spatial_merge_size=1))
+  return dataclasses.replace(
+      cfg, text=dataclasses.replace(cfg.text, initializer_range=0.06),
+      vision=dataclasses.replace(cfg.vision, spatial_merge_size=1, initializer_range=0.16))
 
 
 PRESETS: Dict[str, Callable[[], ModelConfig]] = {

@@ -480,7 +480,8 @@ def vision_config_from_hf(hf) -> VisionConfig:
         temporal_patch_size=get("temporal_patch_size"),
         spatial_merge_size=get("spatial_merge_size"), out_hidden_size=get("out_hidden_size"),
         window_size=get("window_size"), fullatt_block_indexes=tuple(get("fullatt_block_indexes")),
-        hidden_act=get("hidden_act"), rope_theta=theta)
+        hidden_act=get("hidden_act"), rope_theta=theta,
+        initializer_range=float(get("initializer_range", 0.02)))
   if model_type.startswith("qwen2_vl"):
     # Qwen2-VL names the width `embed_dim` and the output width `hidden_size`.
     return VisionConfig(
@@ -489,7 +490,8 @@ def vision_config_from_hf(hf) -> VisionConfig:
         in_channels=get("in_channels"), patch_size=get("patch_size"),
         temporal_patch_size=get("temporal_patch_size"),
         spatial_merge_size=get("spatial_merge_size"), out_hidden_size=get("hidden_size"),
-        fullatt_block_indexes=(), hidden_act=get("hidden_act"), rope_theta=theta)
+        fullatt_block_indexes=(), hidden_act=get("hidden_act"), rope_theta=theta,
+        initializer_range=float(get("initializer_range", 0.02)))
   raise ValueError(
       f"vision config model_type {model_type!r}: expected 'qwen2_5_vl_vision' or 'qwen2_vl_vision'.")
 
@@ -499,7 +501,8 @@ def vision_config_to_hf(cfg: VisionConfig) -> Dict[str, Any]:
   common = dict(depth=cfg.depth, num_heads=cfg.num_heads, in_channels=cfg.in_channels,
                 patch_size=cfg.patch_size, temporal_patch_size=cfg.temporal_patch_size,
                 spatial_merge_size=cfg.spatial_merge_size, hidden_act=cfg.hidden_act,
-                rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "axial"})
+                rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "axial"},
+                initializer_range=cfg.initializer_range)
   if cfg.kind == "qwen2_5_vl":
     return dict(common, model_type="qwen2_5_vl_vision", hidden_size=cfg.hidden_size,
                 intermediate_size=cfg.intermediate_size, out_hidden_size=cfg.out_hidden_size,

@@ -130,7 +130,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   # Scoring runs each prompt once for its G samples; config.rl.share_prompt=False (where the
   # config has the key) scores row by row, the reference to check it against.
   steps = PolicySteps(model_cfg, loss_config(config), optimizer, config.rollout.temperature,
-                      share_prompt=bool(config.rl.get("share_prompt", True)))
+                      share_prompt=bool(config.rl.share_prompt))
   sampler = Sampler(model_cfg, rollout_config(config, model_cfg, processor, group))
   advantage_fn = advantages_lib.get(config.rl.advantage)
 
