@@ -4,7 +4,8 @@
 
 Both run the same tiny Qwen2.5-VL checkpoint (built here with transformers, random weights) on the
 same workload: N jigsaw prompts with one puzzle image each, G samples per prompt, 64 new tokens
-forced (EOS ignored), T=1, top-k 50. transformers runs PyTorch on 2 threads. Our compile time is
+forced (EOS ignored), T=1, top-k 50. transformers runs PyTorch on 2 threads, whose OpenMP waiters
+sleep (OMP_WAIT_POLICY=PASSIVE, set here unless given). Our compile time is
 reported apart (it is paid once per shape in a training run). A second table shows what G=8
 samples of a 2-token answer cost against one sample, which is where group-shared prefill pays.
 The last line is `speedup_vs_transformers=<tokens/s ratio at the largest prompt count>`.
@@ -20,6 +21,11 @@ import time
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# PyTorch's OpenMP threads spin while they wait. On a machine shared with other jobs (more runnable
+# threads than cores) spinning waiters slow transformers down and take cores from our XLA threads
+# after it has run; sleeping ones keep both sides at their real speed (as benchmarks/grpo_step.py
+# does). Must be set before torch is imported. OMP_WAIT_POLICY=ACTIVE measures the other way.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def build_checkpoint(preset: str, directory: str):
@@ -107,7 +113,9 @@ def main():
   sampling = SamplingConfig(temperature=1.0, top_k=50, top_p=1.0)
   print(f"jax {jax.__version__} on {jax.devices()[0].platform}; torch {torch.__version__} with "
         f"{torch.get_num_threads()} threads; preset {args.preset}; G={args.group}; "
-        f"{args.new_tokens} new tokens forced; images {args.image_size}px")
+        f"{args.new_tokens} new tokens forced; images {args.image_size}px; "
+        f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; load average at start "
+        f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs")
   print()
   print("| prompts | rows | transformers tok/s | ours tok/s | ours ms/token-step | "
         "ours compile s | speedup |")
@@ -138,6 +146,7 @@ def main():
     base = base or seconds
     print(f"| {group} | {share} | {seconds:.3f} | {seconds / base:.2f}x |")
   print()
+  print(f"load average at end {os.getloadavg()[0]:.2f}")
   print(f"speedup_vs_transformers={speedup:.2f}")
 
 

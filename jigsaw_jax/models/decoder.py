@@ -31,6 +31,10 @@ from jigsaw_jax.models.config import TextConfig
 
 Array = jax.Array
 # {'layers': [{'k': [B, K, S, D], 'v': [B, K, S, D]}, ...], 'mask': bool [B, S], 'index': int32 []}
+# and optionally 'prefix': {'layers': [{'k': [P, K, Sp, D], 'v': ...}, ...], 'mask': bool [P, Sp]},
+# read-only keys that rows p*G ... p*G+G-1 (G = B // P) see before their own slots: the sampler's
+# prompt cache, shared by the G samples of a prompt instead of copied G times (see
+# `layers.attention_with_prefix`). `init_cache` makes the plain form.
 Cache = Dict[str, Any]
 
 
@@ -55,7 +59,11 @@ def init_cache(cfg: TextConfig, batch_size: int, max_len: int, dtype: Any = jnp.
 
 def cache_lengths(cache: Cache) -> Array:
   """Real (non-padding) tokens held per row, int32 [B]. The next 1-D position of each row."""
-  return jnp.sum(cache["mask"], axis=-1, dtype=jnp.int32)
+  lengths = jnp.sum(cache["mask"], axis=-1, dtype=jnp.int32)
+  if "prefix" in cache:
+    shared = jnp.sum(cache["prefix"]["mask"], axis=-1, dtype=jnp.int32)
+    lengths = lengths + jnp.repeat(shared, lengths.shape[0] // shared.shape[0])
+  return lengths
 
 
 def visibility_mask(attn_mask: Array, cache: Optional[Cache]) -> tuple[Array, Optional[Array]]:
@@ -81,13 +89,19 @@ class DecoderLayer(nn.Module):
   adapter: Any = None  # AdapterConfig (jigsaw_jax/models/adapters) or None
 
   @nn.compact
-  def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None, adapters_enabled=True):
+  def __call__(self, x, cos, sin, mask, kv_cache=None, cache_index=None, adapters_enabled=True,
+               prefix=None, last_only=False):
+    """`last_only` returns the last position alone, skipping the output projection and MLP of
+    the others (their keys and values still reach the cache)."""
     cfg = self.cfg
     norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
     h, kv_cache = layers.Attention(
         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias, self.attention_impl,
         self.dtype, self.param_dtype, self.adapter, name="self_attn")(
-            norm("input_layernorm")(x), cos, sin, mask, kv_cache, cache_index, adapters_enabled)
+            norm("input_layernorm")(x), cos, sin, mask, kv_cache, cache_index, adapters_enabled,
+            prefix)
+    if last_only:
+      x, h = x[:, -1:], h[:, -1:]
     x = x + h
     x = x + layers.MLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, self.dtype,
                        self.param_dtype, self.adapter, name="mlp")(
@@ -125,8 +139,9 @@ class TextDecoder(nn.Module):
     self.embed_tokens = nn.Embed(
         cfg.vocab_size, cfg.hidden_size, dtype=dtype, param_dtype=param_dtype,
         embedding_init=layers.partitioned(init, ("vocab", "embed")))
-    # adapters_enabled (argument 7, counting self) is a Python bool: static under remat.
-    layer_cls = nn.remat(DecoderLayer, static_argnums=(7,)) if self.remat else DecoderLayer
+    # adapters_enabled and last_only (arguments 7 and 9, counting self) are Python bools: static
+    # under remat.
+    layer_cls = nn.remat(DecoderLayer, static_argnums=(7, 9)) if self.remat else DecoderLayer
     self.layers = [
         layer_cls(cfg, dtype, param_dtype, self.attention_impl, self.adapter, name=f"layers_{i}")
         for i in range(cfg.num_layers)]
@@ -178,6 +193,10 @@ class TextDecoder(nn.Module):
     cos, sin = rope.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
     mask, key_valid = visibility_mask(attn_mask, cache)
     index = None if cache is None else cache["index"]
+    prefix = None if cache is None else cache.get("prefix")
+    # Only the last position leaves the last layer when nothing else reads the others: in a
+    # prefill that skips a layer's MLP for all prompt tokens but one.
+    trim = last_logits_only and not return_hidden and tap_layer != len(self.layers)
     new_layers: List[layers.LayerCache] = []
     tapped = None
     for i, layer in enumerate(self.layers):
@@ -186,8 +205,10 @@ class TextDecoder(nn.Module):
       if i < first_layer:
         new_layers.append(None if cache is None else cache["layers"][i])
         continue
+      shared = None if prefix is None else (prefix["layers"][i]["k"], prefix["layers"][i]["v"],
+                                            prefix["mask"])
       x, kv = layer(x, cos, sin, mask, None if cache is None else cache["layers"][i], index,
-                    adapters_enabled)
+                    adapters_enabled, shared, trim and i == len(self.layers) - 1)
       new_layers.append(kv)
     if tap_layer == len(self.layers):
       tapped = x
@@ -196,6 +217,8 @@ class TextDecoder(nn.Module):
     if cache is not None:
       new_cache = {"layers": new_layers, "mask": key_valid,
                    "index": cache["index"] + jnp.int32(inputs.shape[1])}
+      if prefix is not None:
+        new_cache["prefix"] = prefix
     logits = None
     if return_logits:
       logits = self.logits(hidden[:, -1:] if last_logits_only else hidden)

@@ -22,6 +22,8 @@ Array = jax.Array
 # attention einsums read it as stored: a [B, S, K, D] cache is transposed whole by XLA at every
 # decode step (measured: most of the decode time on CPU).
 LayerCache = Dict[str, Array]
+# One layer's view of a read-only prefix shared by groups of rows: k, v [P, K, Sp, D], mask [P, Sp].
+Prefix = Tuple[Array, Array, Array]
 
 _INIT_STD = 0.02  # The reference's initializer_range; only matters for random (test) weights.
 
@@ -179,6 +181,59 @@ def attention_weights_fused(q: Array, k: Array, v: Array, mask: Array, scale: fl
 ATTENTION_IMPLS = {"xla": attention_weights_xla, "cudnn": attention_weights_fused}
 
 
+def attention_with_prefix(q: Array, k: Array, v: Array, mask: Array, prefix: Prefix,
+                          scale: float) -> Array:
+  """Grouped-query attention over a prefix shared by groups of rows, then each row's own keys.
+
+  q [B, T, H, D]; own k/v [B, K, S, D] under mask bool [B, T, S]; prefix (k, v, mask) with k/v
+  [P, K, Sp, D] and mask bool [P, Sp], B = P * G: rows p*G ... p*G+G-1 see all valid slots of
+  prefix row p before their own. Equal to `attention_weights_xla` over the concatenated keys.
+
+  Why: a decode step is bound by streaming the KV cache through memory, and the G samples of a
+  prompt (GRPO) would hold G copies of the prompt's keys. Reading them once per group, as one
+  [G*T*H/K, D] x [D, Sp] matrix product, is most of the sampler's speed on CPU. The two halves
+  are softmaxed separately and merged by their maxima (as flash attention merges blocks), so
+  nothing of size [B, ..., Sp] is built. Queries and probabilities are laid out [rows, K, M, .]
+  because for those operand orders XLA:CPU calls its fast matmul, where the orders of
+  `attention_weights_xla` (fine for prefill) ran a generic dot loop, ~3x slower, at one query.
+  """
+  pk, pv, pmask = prefix
+  b, t, h, d = q.shape
+  p, kv_heads, sp = pk.shape[:3]
+  g, group = h // kv_heads, b // p
+  m = g * t  # queries per row and KV head
+  low = jnp.finfo(jnp.float32).min  # not -inf: see attention_weights_xla
+
+  def shared_layout(x):  # [B, K, M, ...] -> [P, K, G*M, ...]: a group's queries side by side
+    x = x.reshape((p, group, kv_heads, m) + x.shape[3:]).swapaxes(1, 2)
+    return x.reshape((p, kv_heads, group * m) + x.shape[4:])
+
+  def row_layout(x):  # the inverse
+    x = x.reshape((p, kv_heads, group, m) + x.shape[3:]).swapaxes(1, 2)
+    return x.reshape((b, kv_heads, m) + x.shape[4:])
+
+  q_rows = q.reshape(b, t, kv_heads, g, d).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, m, d)
+  # Written from q's [B, T, K, G, D] so that XLA copies the (small) queries to [B, K, D, M] and
+  # runs [S, D] x [D, M]; from [B, K, M, D] it folds any transpose into a [M, D] x [S, D]^T
+  # product, ~3x slower on CPU for so narrow an M.
+  own = jnp.einsum("btkgd,bksd->bkgts", q.reshape(b, t, kv_heads, g, d), k,
+                   preferred_element_type=jnp.float32).reshape(b, kv_heads, m, -1) * scale
+  own_visible = jnp.broadcast_to(mask[:, None, None], (b, 1, g, t, mask.shape[-1]))
+  own = jnp.where(own_visible.reshape(b, 1, m, -1), own, low)
+  shared = jnp.einsum("pkmd,pksd->pkms", shared_layout(q_rows), pk,
+                      preferred_element_type=jnp.float32) * scale
+  shared = jnp.where(pmask[:, None, None], shared, low)
+  top = jnp.maximum(own.max(-1), row_layout(shared.max(-1)))  # [B, K, M]
+  own = jnp.exp(own - top[..., None])
+  shared = jnp.exp(shared - shared_layout(top)[..., None])
+  total = own.sum(-1) + row_layout(shared.sum(-1))
+  out = (jnp.einsum("bkms,bksd->bkmd", own.astype(v.dtype), v, preferred_element_type=jnp.float32)
+         + row_layout(jnp.einsum("pkms,pksd->pkmd", shared.astype(pv.dtype), pv,
+                                 preferred_element_type=jnp.float32))) / total[..., None]
+  out = out.reshape(b, kv_heads, g, t, d).transpose(0, 3, 1, 2, 4)
+  return out.reshape(b, t, h, d).astype(q.dtype)
+
+
 class Attention(nn.Module):
   """Causal GQA self-attention with rotary embeddings and an optional preallocated KV cache."""
 
@@ -201,6 +256,7 @@ class Attention(nn.Module):
       kv_cache: Optional[LayerCache] = None,  # {'k','v'}: [B, K, S, D]
       cache_index: Optional[Array] = None,  # int32 scalar: slot of x[:, 0] in the cache
       adapters_enabled: bool = True,
+      prefix: Optional[Prefix] = None,  # keys every group of B // P rows sees first
   ) -> Tuple[Array, Optional[LayerCache]]:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl must be one of {sorted(ATTENTION_IMPLS)}, "
@@ -232,8 +288,10 @@ class Attention(nn.Module):
       new_cache = {"k": k_all, "v": v_all}
       k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
 
-    attend = ATTENTION_IMPLS[self.attention_impl]
-    out = attend(q, k, v, mask, self.head_dim ** -0.5)
+    if prefix is None:
+      out = ATTENTION_IMPLS[self.attention_impl](q, k, v, mask, self.head_dim ** -0.5)
+    else:  # Decoding only (the sampler), where cuDNN's fused kernel has nothing to fuse.
+      out = attention_with_prefix(q, k, v, mask, prefix, self.head_dim ** -0.5)
     out = Projection((x.shape[-1],), ("q_heads", "head_dim", "embed"), contract=2,
                      dtype=self.dtype, param_dtype=self.param_dtype, name="o_proj",
                      **adapted("o_proj"))(out, adapters_enabled)

@@ -4,13 +4,14 @@ Shaped for GRPO, where every prompt is sampled G times:
 
 1. `rope_index` (host, numpy) gives the prompts' M-RoPE ids and per-row decode deltas.
 2. Prefill (jit) runs the vision tower and the decoder ONCE per distinct prompt and fills a KV
-   cache preallocated for prompt + max_new_tokens.
-3. The cache, the last logits and the deltas are repeated G times along the batch, so the G rows
-   of a group share the prompt's work (`share_prefill=False` prefills every row instead: same
-   result, for checking).
-4. Decode (jit, cache donated) is one `lax.while_loop`: sample a token per row with its own key,
-   write it, stop a row at its first EOS, and stop the loop when every row has stopped or after
-   max_new_tokens.
+   cache of the prompt's length.
+3. Decode (jit) gives every row its own cache of max_new_tokens slots, with the prompt cache as
+   the read-only prefix that the G rows of a group share (decoder.Cache 'prefix'): the prompt's
+   keys are neither copied G times nor read G times per step, which was most of the decode time
+   when they were (`share_prefill=False` prefills every row instead: same result, for checking).
+   The last logits and the deltas are repeated G times along the batch.
+4. Decode is one `lax.while_loop`: sample a token per row with its own key, write it, stop a row
+   at its first EOS, and stop the loop when every row has stopped or after max_new_tokens.
 
 Shapes are static per (number of prompts, bucketed prompt length, image grids); the number of
 distinct shapes compiled so far is reported by `compilations`.
@@ -100,8 +101,8 @@ class Sampler:
     self.cfg = cfg
     self.model = mllm.VisionLanguageModel(model_cfg)
     self._shapes = set()
-    self._prefill = jax.jit(self._prefill_impl, static_argnames=("grid", "cache_len"))
-    self._decode = jax.jit(self._decode_impl, donate_argnames=("cache",))
+    self._prefill = jax.jit(self._prefill_impl, static_argnames=("grid",))
+    self._decode = jax.jit(self._decode_impl)
 
   @property
   def compilations(self) -> int:
@@ -126,33 +127,35 @@ class Sampler:
       group = 1
     prompts = self._prepare(batch)
     rows, length = prompts.input_ids.shape
-    cache_len = length + self.cfg.max_new_tokens
     self._shapes.add((rows, length, prompts.grid))
-    logits, cache = self._prefill(params, prompts.input_ids, prompts.positions,
-                                  prompts.attn_mask, prompts.pixel_values, grid=prompts.grid,
-                                  cache_len=cache_len)
-    if group > 1:
-      logits, cache = jax.tree_util.tree_map(
-          lambda x: jnp.repeat(x, group, axis=0) if x.ndim else x, (logits, cache))
+    logits, prompt_cache = self._prefill(params, prompts.input_ids, prompts.positions,
+                                         prompts.attn_mask, prompts.pixel_values,
+                                         grid=prompts.grid)
+    logits = jnp.repeat(logits, group, axis=0)
     deltas = jnp.repeat(jnp.asarray(prompts.deltas), group)
-    rollout, _ = self._decode(params, logits, cache, deltas, rng)
-    return rollout
+    return self._decode(params, logits, prompt_cache, deltas, rng)
 
   # -- jitted ------------------------------------------------------------------------------
 
-  def _prefill_impl(self, params, input_ids, positions, attn_mask, pixel_values, *, grid,
-                    cache_len):
-    cache = decoder_lib.init_cache(self.model_cfg.text, input_ids.shape[0], cache_len,
+  def _prefill_impl(self, params, input_ids, positions, attn_mask, pixel_values, *, grid):
+    cache = decoder_lib.init_cache(self.model_cfg.text, input_ids.shape[0], input_ids.shape[1],
                                    jnp.dtype(self.model_cfg.dtype))
     out = self.model.apply(params, input_ids, positions, attn_mask, pixel_values,
                            grid or None, cache, last_logits_only=True)
     return out.logits[:, -1], out.cache
 
-  def _decode_impl(self, params, logits, cache, deltas, rng):
+  def _decode_impl(self, params, logits, prompt_cache, deltas, rng):
     cfg = self.cfg
     rows = logits.shape[0]
     steps = cfg.max_new_tokens
+    cache = decoder_lib.init_cache(self.model_cfg.text, rows, steps,
+                                   prompt_cache["layers"][0]["k"].dtype)
+    cache["prefix"] = {"layers": prompt_cache["layers"], "mask": prompt_cache["mask"]}
     row_keys = jax.random.split(rng, rows)
+    # Every step's key, fold_in(row key, step), made before the loop: a threefry loop fewer
+    # per step.
+    step_keys = jax.vmap(lambda key: jax.vmap(lambda s: jax.random.fold_in(key, s))(
+        jnp.arange(steps)))(row_keys)  # [rows, steps]
     eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
 
     def cond(state):
@@ -161,8 +164,7 @@ class Sampler:
 
     def body(state):
       step, logits, cache, tokens, logprobs, done, mask = state
-      keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(row_keys, step)
-      token, logprob = sample_tokens(logits, keys, cfg.sampling)
+      token, logprob = sample_tokens(logits, step_keys[:, step], cfg.sampling)
       token = jnp.where(done, cfg.pad_id, token)
       tokens = tokens.at[:, step].set(token)
       logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
@@ -177,6 +179,5 @@ class Sampler:
     init = (jnp.int32(0), logits, cache, jnp.full((rows, steps), cfg.pad_id, jnp.int32),
             jnp.zeros((rows, steps), jnp.float32), jnp.zeros((rows,), bool),
             jnp.zeros((rows, steps), bool))
-    _, _, cache, tokens, logprobs, _, mask = jax.lax.while_loop(cond, body, init)
-    # The cache is returned only so that the donated input buffer is reused in place.
-    return Rollout(tokens, logprobs, mask, mask.sum(-1).astype(jnp.int32)), cache
+    _, _, _, tokens, logprobs, _, mask = jax.lax.while_loop(cond, body, init)
+    return Rollout(tokens, logprobs, mask, mask.sum(-1).astype(jnp.int32))

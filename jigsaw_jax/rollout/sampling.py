@@ -31,23 +31,33 @@ def kth_largest(x: jax.Array, k: int) -> jax.Array:
   """The exact k-th largest value of each row of float32 x [B, V], as [B, 1].
 
   `lax.top_k` sorts and is slow on CPU in a decode loop; this bisects over the 2^32 float bit
-  patterns instead (32 passes of compare-and-count), which is exact, including ties.
+  patterns instead (passes of compare-and-count), which is exact, including ties. A row is
+  settled as soon as exactly k entries reach the probe (its k-th largest is then the smallest
+  of those), which with distinct logits takes about half of the 32 passes a full bisection does.
   """
   bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
   # A monotone map from float order to unsigned int order (negative floats flip their magnitude).
   keys = jax.lax.bitcast_convert_type(bits ^ ((bits >> 31) & 0x7FFFFFFF), jnp.uint32) ^ jnp.uint32(
       0x80000000)
   lo, hi = keys.min(-1, keepdims=True), keys.max(-1, keepdims=True)
+  count = jnp.full(lo.shape, x.shape[-1], jnp.float32)  # entries >= lo
 
-  def body(_, bounds):  # Invariant: at least k keys >= lo; the answer lies in [lo, hi].
-    lo, hi = bounds
+  def unsettled(state):
+    lo, hi, count = state
+    return jnp.any((lo < hi) & (count != k))
+
+  def body(state):  # Invariant: count = #(keys >= lo) >= k, and the answer lies in [lo, hi].
+    lo, hi, count = state
     gap = hi - lo
     mid = lo + gap // 2 + (gap & 1)  # ceil, without overflowing uint32
-    enough = jnp.sum(keys >= mid, axis=-1, keepdims=True) >= k
-    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid - 1)
+    # Counted in float32 (exact up to 2^24 entries): XLA:CPU's float reduction ran ~25% faster.
+    above = jnp.sum(keys >= mid, axis=-1, keepdims=True, dtype=jnp.float32)
+    enough = (above >= k) & (count != k)  # a settled row keeps its bounds
+    return (jnp.where(enough, mid, lo), jnp.where(enough | (count == k), hi, mid - 1),
+            jnp.where(enough, above, count))
 
-  lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
-  return jnp.max(jnp.where(keys == lo, x, -jnp.inf), axis=-1, keepdims=True)
+  lo, _, _ = jax.lax.while_loop(unsettled, body, (lo, hi, count))
+  return jnp.min(jnp.where(keys >= lo, x, jnp.inf), axis=-1, keepdims=True)
 
 
 def suppress(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
@@ -76,6 +86,28 @@ def filter_logits(logits: jax.Array, cfg: SamplingConfig) -> jax.Array:
   return logits
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+  """`jnp.argmax(x, -1)` of float x [B, V] (the first maximal index) as int32 [B], NaN aside.
+
+  Two plain reductions (the maximum, then the least index that reaches it): XLA:CPU's fused
+  value-and-index reduction that argmax lowers to ran ~6x slower at [256, 1024].
+  """
+  vocab = x.shape[-1]
+  first = jnp.where(x == x.max(-1, keepdims=True), jnp.arange(vocab, dtype=jnp.int32), vocab)
+  return jnp.minimum(jnp.min(first, axis=-1), vocab - 1)  # (V only where a row holds a NaN)
+
+
+def categorical(logits: jax.Array, keys: jax.Array) -> jax.Array:
+  """`jax.random.categorical` of each row of logits [B, V] with its key [B], as int32 [B]: the
+  same draws, bit for bit (the Proxy-RLHF sampler's first try relies on it), ~3.5x faster on CPU.
+
+  The same Gumbel-max, with `first_argmax`: inside `jax.random.categorical` XLA fuses the
+  noise into its slow argmax, and that was most of a decode step's sampling.
+  """
+  noise = jax.vmap(lambda key: jax.random.gumbel(key, logits.shape[-1:], logits.dtype))(keys)
+  return first_argmax(logits + noise)
+
+
 def sample_tokens(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig):
   """Picks one token per row.
 
@@ -89,10 +121,9 @@ def sample_tokens(logits: jax.Array, keys: jax.Array, cfg: SamplingConfig):
   """
   logits = logits.astype(jnp.float32)
   if cfg.greedy:
-    tokens = jnp.argmax(suppress(logits, cfg), axis=-1).astype(jnp.int32)
+    tokens = first_argmax(suppress(logits, cfg))
     full = jax.nn.log_softmax(logits, axis=-1)
   else:
-    filtered = filter_logits(logits, cfg)
-    tokens = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
+    tokens = categorical(filter_logits(logits, cfg), keys)
     full = jax.nn.log_softmax(logits / cfg.temperature, axis=-1)
   return tokens, jnp.take_along_axis(full, tokens[:, None], axis=-1)[:, 0]
