@@ -114,7 +114,6 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   initial_params = jax.tree_util.tree_map(jnp.copy, params) \
       if config.rl.beta and not frozen else None
   optimizer = optimizer_for(config)
-  opt_state = jax.jit(optimizer.init)(params)
 
   # ----------------------------------------------------------------------------------------
   # Data.
@@ -127,10 +126,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   # ----------------------------------------------------------------------------------------
   # Step functions.
   # ----------------------------------------------------------------------------------------
-  # Scoring runs each prompt once for its G samples; config.rl.share_prompt=False (where the
-  # config has the key) scores row by row, the reference to check it against.
+  # Scoring runs each prompt once for its G samples (config.rl.share_prompt=False: row by row).
+  # Scoring, gradients and the update are jitted with explicit in/out shardings on the mesh:
+  # params and Adam state where the logical-axis rules put them, batch rows over data x fsdp.
   steps = PolicySteps(model_cfg, loss_config(config), optimizer, config.rollout.temperature,
-                      share_prompt=bool(config.rl.share_prompt))
+                      share_prompt=bool(config.rl.share_prompt), mesh=mesh, rules=rules)
+  opt_state = steps.init_optimizer(params)  # created already sharded
   sampler = Sampler(model_cfg, rollout_config(config, model_cfg, processor, group))
   advantage_fn = advantages_lib.get(config.rl.advantage)
 
