@@ -278,7 +278,11 @@ def test_plan_compiles_abstract_shapes_on_simulated_devices(tmp_path):
   assert total_param_bytes / 8 <= got["params"] < total_param_bytes / 4
   assert got["opt_state"] >= 2 * got["params"]
   assert got["grads_temp"] > 0 and got["decode_temp"] > 0 and got["prefill_temp"] > 0
-  # The KV cache is exact: 8 prompts x G=8 rows over 8 devices, 4 layers x (k, v), 2 KV heads x
-  # 32 dims in float32, prompt 16 + 8 + 2 tokens plus 8 new ones; plus the [rows, S] key mask.
-  rows, length = 8, 16 + 8 + 2 + 8
+  # The prompt KV cache is exact: one row per distinct prompt (its G samples share it), the
+  # miniature's 16 prompts over 8 devices, 4 layers x (k, v), 2 KV heads x 32 dims in float32,
+  # prompt 16 + 8 + 2 tokens; plus the [rows, S] key mask and the write index. The decode's own
+  # slots for the new tokens are temporaries of the decode program.
+  from jigsaw_jax import configlib
+  prompts = configlib.load_config_file("configs/jigsaw_2x1.py:tiny").data.pipeline.prompts_per_batch
+  rows, length = prompts // 8, 16 + 8 + 2
   assert got["kv_cache"] == 4 * 2 * rows * 2 * length * 32 * 4 + rows * length + 4

@@ -10,11 +10,12 @@ For each model preset it compiles, over N simulated CPU devices and on abstract 
 - the GRPO gradient of one micro-batch (`PolicySteps` grads: vision tower, decoder, completion
   log-probs, loss, backward) with the config's dtype, remat and micro-batch size;
 - the optimizer update (`PolicySteps` apply_update: clip + AdamW over the sharded state);
-- the rollout prefill (one row per distinct prompt, KV cache for prompt + max_new_tokens) and the
-  decode loop (G rows per prompt),
+- the rollout prefill (one row per distinct prompt, KV cache of the prompt) and the decode loop
+  (G rows per prompt reading that cache, each with its own max_new_tokens slots),
 
 and prints, per device: params, optimizer state, the KL reference copy, gradients, the compiled
-programs' temporary buffers (activations; `compiled.memory_analysis()`), the KV cache, and the
+programs' temporary buffers (activations and the decode slots; `compiled.memory_analysis()`),
+the prompt KV cache, and the
 peaks they add up to. The sequence is a prompt of `--image_tokens` (one square image) plus
 `--text_tokens`, then `config.rollout.max_new_tokens` completion tokens.
 
@@ -212,7 +213,7 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
                   row((3, prompts, prompt_len), jnp.int32, 1),
                   row((prompts, prompt_len), jnp.int32), pixels(prompts))
     prefill_fn = lambda p, ids, pos, mask, pix: sampler._prefill_impl(
-        p, ids, pos, mask, pix, grid=prompt_grid, cache_len=length)
+        p, ids, pos, mask, pix, grid=prompt_grid)
     with policy._context():
       shapes = jax.eval_shape(prefill_fn, *prefill_in)
       prefill = jax.jit(prefill_fn, out_shardings=_rows_first(shapes, mesh))
@@ -220,18 +221,19 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
       compiled = prefill.lower(*prefill_in).compile()
     out["prefill_temp"] = _temp(compiled)
     log(f"  {preset} prefill compiled in {time.time() - start:.0f} s")
-    # Decode: the cache repeated G times along the rows (Sampler.generate does it between).
+    # Decode: first-token logits repeated G times along the rows (Sampler.generate does it
+    # between); the prompt cache stays one row per prompt, shared read-only by its G rows, and
+    # decode allocates its own max_new_tokens slots per row (counted in its temporaries).
     total = prompts * group
-    repeat = lambda x: jax.ShapeDtypeStruct((total,) + x.shape[1:], x.dtype) if x.shape else x
-    logits, cache = jax.tree.map(repeat, shapes)
+    logits, cache = shapes
+    logits = jax.ShapeDtypeStruct((total,) + logits.shape[1:], logits.dtype)
     logits, cache = _abstract((logits, cache), _rows_first((logits, cache), mesh))
     key = jax.eval_shape(lambda: jax.random.key(0))
     decode_in = (params, logits, cache, row((total,), jnp.int32),
                  jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
     with policy._context():
       decode_shapes = jax.eval_shape(sampler._decode_impl, *decode_in)
-      decode = jax.jit(sampler._decode_impl, donate_argnums=(2,),
-                       out_shardings=_rows_first(decode_shapes, mesh))
+      decode = jax.jit(sampler._decode_impl, out_shardings=_rows_first(decode_shapes, mesh))
       start = time.time()
       compiled = decode.lower(*decode_in).compile()
     out["decode_temp"] = _temp(compiled)
