@@ -2,22 +2,21 @@
 generic visual skill, but no jigsaw answer.
 
 The paper starts RL from instruct models that answer in the right format at chance accuracy. A
-random tiny policy does neither, so before GRPO the miniature trains on two tasks:
+random tiny policy does neither, so before GRPO the miniature trains on these tasks:
 
-* format: the jigsaw prompts of the run, answered with a uniformly random permutation drawn
-  independently of the image. The policy learns to write an m x n grid of indices, and nothing
-  about which grid is right (the target carries no information about the image).
+* format: the jigsaw prompts of the run, each image answered twice in the batch with two
+  different random permutations drawn independently of the image. The policy learns to write an
+  m x n grid of indices, and nothing about which grid is right: its optimum is an even spread.
 * rotation: "by how many degrees was this image rotated?" on images rotated by 0/90/180/270
   (the paper's own visual pretext, its Appendix C). The vision tower learns which way is up,
   a skill a jigsaw needs, without ever seeing a shuffled image with its answer.
-* splice: "is this one photograph, or two photographs joined?" where a joined image is the top
+* splice (optional, `pretrain.splice_fraction`, off by default): "is this one photograph, or two
+  photographs joined?" where a joined image is the top
   (or left) half of one photo above (beside) the bottom (right) half of ANOTHER photo, the
   classic splice-detection pretext. The vision tower learns to see a seam between unrelated
   pictures, the kind of low-level skill a pretrained MLLM brings to Jigsaw-R1. It never sees a
-  jigsaw: no image is cut from itself, and the answer is a letter, not a permutation. Measured
-  why it is needed: with rotation and format only, 300 GRPO steps left held-out 2x1 at chance
-  while the same steps of supervised answers did learn, i.e. the tiny tower had no seam feature
-  for the reward to select.
+  jigsaw: no image is cut from itself, and the answer is a letter, not a permutation. Whether
+  it speeds the miniature's RL up has not been measured to the end yet.
 
 The result is saved once under `<workdir>/base` (Orbax) and reused when the run resumes; it is
 both GRPO's starting point and its KL reference.
