@@ -11,9 +11,8 @@ random tiny policy does neither, so before GRPO the miniature trains on these ta
   (the paper's own visual pretext, its Appendix C). The vision tower learns which way is up,
   a skill a jigsaw needs, without ever seeing a shuffled image with its answer.
 * splice (optional, `pretrain.splice_fraction`, off by default): "is this one photograph, or two
-  photographs joined?" where a joined image is the top
-  (or left) half of one photo above (beside) the bottom (right) half of ANOTHER photo, the
-  classic splice-detection pretext. The vision tower learns to see a seam between unrelated
+  photographs joined?" where a joined image is the top (or left) half of one photo above
+  (beside) the bottom (right) half of ANOTHER photo, the classic splice-detection pretext. The vision tower learns to see a seam between unrelated
   pictures, the kind of low-level skill a pretrained MLLM brings to Jigsaw-R1. It never sees a
   jigsaw: no image is cut from itself, and the answer is a letter, not a permutation. Whether
   it speeds the miniature's RL up has not been measured to the end yet.
