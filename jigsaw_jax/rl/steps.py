@@ -107,11 +107,11 @@ def shared_prompt_scores(model: mllm.VisionLanguageModel, params, input_ids, att
                          with_aux: bool = False):
   """`completion_scores` with the G rows of a group sharing their prompt's forward pass.
 
-  The prompt (first row of each group, images included) fills a KV cache with room for the
-  completion; the cache is repeated G times along the batch and the completion tokens but the
-  last run on it, at the positions `build_sequences` gave them. The prompt's last hidden state
+  The prompt (first row of each group, images included) fills a KV cache, which the G rows of its
+  group read as a shared prefix while the completion tokens but the last run after it, at the
+  positions `build_sequences` gave them. The prompt's last hidden state
   predicts completion token 0, the completion's own hidden states the rest. Gradients reach the
-  prompt through `jnp.repeat` (summed over the group), so loss and grads are those of the
+  prompt through the shared prefix (summed over the group), so loss and grads are those of the
   unshared pass. Prompts (image tokens and instructions) are most of a GRPO batch's tokens, so
   this does close to G times less work.
 
@@ -136,17 +136,21 @@ def shared_prompt_scores(model: mllm.VisionLanguageModel, params, input_ids, att
       prompt_pixels = prompt_pixels.reshape(-1, pixel_values.shape[-1])
     else:
       prompt_pixels = jnp.take(pixel_values, jnp.asarray(index), axis=0)
-  repeat = lambda x: jnp.repeat(x, group, axis=0) if x.ndim else x  # The cache index is a scalar.
 
   def forward(m: mllm.VisionLanguageModel):
     # One apply for both passes: adapter dropout draws fresh masks for each, as in one pass.
-    cache = decoder_lib.init_cache(m.cfg.text, prompts, length + t - 1, jnp.dtype(m.cfg.dtype))
+    dtype = jnp.dtype(m.cfg.dtype)
+    cache = decoder_lib.init_cache(m.cfg.text, prompts, length, dtype)
     out = m(prompt_ids, prompt_positions, prompt_mask, prompt_pixels, prompt_grid or None, cache,
             return_hidden=True, return_logits=False, adapters_enabled=adapters_enabled)
-    hidden = repeat(out.hidden[:, -1:])
+    hidden = jnp.repeat(out.hidden[:, -1:], group, axis=0)
     if t > 1:
+      # The prompt cache is the read-only prefix of its G rows (decoder.Cache 'prefix', as the
+      # sampler decodes): no G copies of the prompt's keys, and its gradient sums over the group.
+      tail_cache = dict(decoder_lib.init_cache(m.cfg.text, rows, t - 1, dtype),
+                        prefix={"layers": out.cache["layers"], "mask": out.cache["mask"]})
       tail = m(completion[:, :-1], positions[..., length:length + t - 1],
-               attn_mask[:, length:length + t - 1], cache=jax.tree.map(repeat, out.cache),
+               attn_mask[:, length:length + t - 1], cache=tail_cache,
                return_hidden=True, return_logits=False, adapters_enabled=adapters_enabled)
       hidden = jnp.concatenate([hidden, tail.hidden], axis=1)
     return m.decoder.logits(hidden)
