@@ -23,6 +23,7 @@ or on the command line: `--config.data.source.kind=procedural --config.data.pipe
     hflip:          flip half of the crops left-right.
     photos:         names of the photos to use (None: all twelve; see bundled.PHOTO_NAMES).
     min_detail:     redraw crops flatter than this mean neighbour difference (0: keep all).
+    same_scale:     crop both splits at one distribution of pixel scale (see BundledSource).
   folder only:
     path:           the folder, searched recursively for extensions.
     file_list:      optional JSON list of paths (relative to path, or absolute), like the
@@ -77,6 +78,7 @@ def source_config() -> ml_collections.ConfigDict:
       "hflip": True,
       "photos": ml_collections.FieldReference(None, field_type=tuple),
       "min_detail": 0.0,
+      "same_scale": False,
       # folder
       "path": "",
       "file_list": "",

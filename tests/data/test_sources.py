@@ -87,6 +87,28 @@ def test_bundled_train_and_test_crops_never_share_a_source_pixel(image_size):
       assert not any(box.overlaps(other) for other in test_boxes[photo]), photo
 
 
+def _crop_scales(source, photo, count=400):
+  """Crop side / output side of the first `count` crops of `photo` (the zoom of each crop)."""
+  scales = [source.crop_box(i).box.height / source.image_size[0] for i in range(count)]
+  return np.array([s for i, s in enumerate(scales) if source.crop_box(i).photo == photo])
+
+
+def test_bundled_same_scale_gives_both_splits_one_crop_scale_distribution():
+  # Without same_scale, train crops (from the wide train region) are far larger than test crops;
+  # with it, both splits draw from the range the narrower test region allows.
+  kwargs = dict(image_size=(98, 98), photos=("astronaut",))
+  own = [_crop_scales(data.BundledSource(split, **kwargs), "astronaut") for split in ("train", "test")]
+  same = [_crop_scales(data.BundledSource(split, same_scale=True, **kwargs), "astronaut")
+          for split in ("train", "test")]
+  assert np.median(own[0]) > 2.5 * np.median(own[1])
+  assert abs(np.median(same[0]) / np.median(same[1]) - 1) < 0.1
+  assert same[0].max() <= own[1].max() + 1e-9 and same[0].min() >= 0.35 * own[1].max() - 0.02
+  # The test split is unchanged: its own region already is the narrower one.
+  test_own = data.BundledSource("test", **kwargs)
+  test_same = data.BundledSource("test", same_scale=True, **kwargs)
+  assert all(test_own.crop_box(i) == test_same.crop_box(i) for i in range(50))
+
+
 def test_bundled_output_is_the_resized_crop():
   source = data.BundledSource("train", (30, 20), hflip=True)
   for index in range(20):
