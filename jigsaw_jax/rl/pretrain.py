@@ -78,15 +78,20 @@ def splice_example(image: np.ndarray, other: np.ndarray, rng: np.random.Generato
 
 
 def format_examples(puzzle, rng: np.random.Generator, count: int = 2):
-  """`count` copies of (puzzle image, its prompt, a grid answer), with distinct random
-  permutations as answers (all of them when there are fewer).
+  """`count` copies of (puzzle image, its prompt, an answer in the question's format), with
+  distinct random answers drawn independently of the image (all of them when there are fewer):
+  permutation grids for full questions, choice letters for pair questions.
 
   The same image with different answers in one batch leaves nothing about the image to fit: the
-  optimum is an even spread over permutations. One random answer per image lets the model
-  memorise noise, and a base that answers each image with confidence gives GRPO groups whose G
-  samples all agree, so no advantage and no learning (measured: every group had zero variance
-  after 25 steps).
+  optimum is an even spread over answers. One random answer per image lets the model memorise
+  noise, and a base that answers each image with confidence gives GRPO groups whose G samples
+  all agree, so no advantage and no learning (measured: every group had zero variance after 25
+  steps).
   """
+  if puzzle.question_type == "pair":
+    letters = string.ascii_uppercase[:int(puzzle.num_choices)]
+    picks = rng.choice(len(letters), size=min(count, len(letters)), replace=False)
+    return [(puzzle.image, puzzle.prompt, letters[int(i)]) for i in picks]
   size = puzzle.m * puzzle.n
   answers: List[np.ndarray] = []
   while len(answers) < min(count, math.factorial(size)):

@@ -32,6 +32,20 @@ def test_format_examples_are_distinct_permutations():
   assert len(pretrain.format_examples(puzzle, np.random.default_rng(0), 9)) == 6  # capped
 
 
+def test_format_examples_of_pair_questions_are_distinct_letters_of_the_choices():
+  puzzle = make_puzzle(_photo(4), PuzzleSpec(m=2, n=1, question_type="pair"), puzzle_rng(0, 3))
+  letters = "ABCD"[:puzzle.num_choices]
+  rng = np.random.default_rng(0)
+  seen = set()
+  for _ in range(30):
+    examples = pretrain.format_examples(puzzle, rng, 2)
+    answers = [answer for _, _, answer in examples]
+    assert len(set(answers)) == 2 and set(answers) <= set(letters)
+    assert all(prompt == puzzle.prompt for _, prompt, _ in examples)
+    seen.update(answers)
+  assert seen == set(letters)  # every letter, whichever is right, so the image predicts none
+
+
 def test_splice_joins_halves_of_two_photos_or_keeps_one():
   image, other = _photo(2), _photo(3)
   rng = np.random.default_rng(0)
