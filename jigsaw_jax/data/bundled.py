@@ -179,13 +179,11 @@ class BundledSource:
     photo = self.photos[int(rng.integers(len(self.photos)))]
     region = self.region(photo)
     out_h, out_w = self.image_size
-    # The largest crop with the output's aspect ratio that fits, then a random fraction of it.
-    fit = min(region.height / out_h, region.width / out_w)
-    if self.same_scale:
-      shape = load_photo(photo).shape
-      for split in ("train", "test"):
-        other = split_region(shape, split, self.test_fraction)
-        fit = min(fit, other.height / out_h, other.width / out_w)
+    # The largest crop with the output's aspect ratio that fits (in both splits' regions with
+    # same_scale, this split's own included), then a random fraction of it.
+    limits = ([split_region(load_photo(photo).shape, split, self.test_fraction)
+               for split in ("train", "test")] if self.same_scale else [region])
+    fit = min(min(limit.height / out_h, limit.width / out_w) for limit in limits)
     scale = fit * rng.uniform(self.min_scale, 1.0)
     crop_h = int(np.clip(round(out_h * scale), 1, region.height))
     crop_w = int(np.clip(round(out_w * scale), 1, region.width))

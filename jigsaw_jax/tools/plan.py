@@ -15,9 +15,8 @@ For each model preset it compiles, over N simulated CPU devices and on abstract 
 
 and prints, per device: params, optimizer state, the KL reference copy, gradients, the compiled
 programs' temporary buffers (activations and the decode slots; `compiled.memory_analysis()`),
-the prompt KV cache, and the
-peaks they add up to. The sequence is a prompt of `--image_tokens` (one square image) plus
-`--text_tokens`, then `config.rollout.max_new_tokens` completion tokens.
+the prompt KV cache, and the peaks they add up to. The sequence is a prompt of `--image_tokens`
+(one square image) plus `--text_tokens`, then `config.rollout.max_new_tokens` completion tokens.
 
 The numbers come from XLA's CPU compiler. TPU and GPU compilers schedule and fuse differently
 (and CPU may widen some bfloat16 temporaries to float32), so treat temporaries as estimates

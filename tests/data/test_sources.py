@@ -89,8 +89,8 @@ def test_bundled_train_and_test_crops_never_share_a_source_pixel(image_size):
 
 def _crop_scales(source, photo, count=400):
   """Crop side / output side of the first `count` crops of `photo` (the zoom of each crop)."""
-  scales = [source.crop_box(i).box.height / source.image_size[0] for i in range(count)]
-  return np.array([s for i, s in enumerate(scales) if source.crop_box(i).photo == photo])
+  crops = [source.crop_box(i) for i in range(count)]
+  return np.array([c.box.height / source.image_size[0] for c in crops if c.photo == photo])
 
 
 def test_bundled_same_scale_gives_both_splits_one_crop_scale_distribution():
