@@ -52,7 +52,7 @@ or on the command line: `--config.data.source.kind=procedural --config.data.pipe
   worker_count:      > 0 builds batches in that many processes instead (grain mp_prefetch); the
                      batches and their order do not change.
   puzzle:            the PuzzleSpec fields of the first stage (m, n, question_type, think,
-                     shuffle_mn, mask_ratio, instruct_model).
+                     shuffle_mn, mask_ratio, instruct_model, prompt_style).
   curriculum:        later stages: a list of dicts, each with `start_step` (optimizer steps of the
                      global batch) or `start_prompt` (global prompt index), plus the PuzzleSpec
                      fields that change from the stage before, e.g.
@@ -101,6 +101,7 @@ def puzzle_config() -> ml_collections.ConfigDict:
       "shuffle_mn": True,
       "mask_ratio": 0.0,
       "instruct_model": True,
+      "prompt_style": "paper",
   })
 
 

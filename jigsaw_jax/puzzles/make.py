@@ -48,7 +48,8 @@ def make_puzzle(image: np.ndarray, spec: PuzzleSpec, rng: np.random.Generator) -
 
   prompt = prompts.puzzle_prompt(
       m, n, spec.question_type, spec.think, mask_ratio=spec.mask_ratio, pair=pair,
-      choices=choices or (), instruct_model=spec.instruct_model)
+      choices=choices or (), instruct_model=spec.instruct_model,
+      style=spec.prompt_style)
   return Puzzle(
       image=composite, original=original, m=m, n=n, question_type=spec.question_type,
       think=spec.think, permutation=forward, solution=solution, prompt=prompt,

@@ -3,6 +3,11 @@ exact prompts of the paper.
 
 The user turn's text has four parts: the task statement, the index grid, the question, and the
 instruction suffix (thinking or non-thinking, then a format sentence).
+
+`style="compact"` says the same things in about a fifth of the tokens (size, index direction,
+question, choices, answer format). It is for policies that read no English, such as the CPU
+miniature's from-scratch model, to which the paper's ~150 words are a constant prefix that
+costs most of each training step.
 """
 
 from __future__ import annotations
@@ -68,23 +73,53 @@ def with_instruction(question: str, answer_type: str, m: int, n: int, think: boo
   """Appends the thinking / direct instruction and the format sentence."""
   suffix = (_THINK_INSTRUCTION if think else _DIRECT_INSTRUCTION) + _FORMAT_SENTENCE[
       answer_type].format(m=m, n=n)
+  return _for_model(f"{question}\n\n{suffix}", think, instruct_model)
+
+
+def _for_model(text: str, think: bool, instruct_model: bool) -> str:
+  """Instruct models get the text as is; base models the R1-Zero template around it."""
   if instruct_model:
-    return f"{question}\n\n{suffix}"
-  text = f"{_BASE_MODEL_PREAMBLE}{question}\n\n{suffix}\n\nAssistant: "
+    return text
+  text = f"{_BASE_MODEL_PREAMBLE}{text}\n\nAssistant: "
   return text + "<think>" if think else text
+
+
+PROMPT_STYLES = ("paper", "compact")
+
+
+def compact_question(m: int, n: int, question_type: str, think: bool,
+                     pair: Optional[tuple[int, int]], choices: Sequence[str],
+                     mask_ratio: float = 0.0) -> str:
+  """The `compact` style: the paper prompt's information, none of its prose."""
+  first, last = _direction_words(m, n)
+  masked = " Borders masked." if mask_ratio > 0 else ""
+  head = f"{m}x{n} jigsaw, positions 1 ({first}) to {m * n} ({last}).{masked}"
+  if question_type == "full":
+    body = f"Original position of each patch, as a {m}x{n} grid?"
+  else:
+    lines = " ".join(f"({string.ascii_uppercase[i]}) {c}" for i, c in enumerate(choices))
+    body = f"Patches {pair[0]} and {pair[1]}: {lines} Letter?"
+  tail = " Think in <think> </think>, answer in <answer> </answer>." if think else ""
+  return f"{head} {body}{tail}"
 
 
 def puzzle_prompt(m: int, n: int, question_type: str, think: bool, *, mask_ratio: float = 0.0,
                   pair: Optional[tuple[int, int]] = None, choices: Sequence[str] = (),
-                  instruct_model: bool = True) -> str:
+                  instruct_model: bool = True, style: str = "paper") -> str:
   """The full user-turn text of a puzzle."""
+  if question_type not in ("full", "pair"):
+    raise ValueError(f"Unknown question_type {question_type!r}; expected 'full' or 'pair'.")
+  if question_type == "pair" and pair is None:
+    raise ValueError("A pair question needs the two positions `pair=(k, l)`.")
+  if style not in PROMPT_STYLES:
+    raise ValueError(f"Unknown prompt style {style!r}; expected one of {PROMPT_STYLES}.")
+  if style == "compact":
+    return _for_model(compact_question(m, n, question_type, think, pair, choices, mask_ratio),
+                      think,
+                      instruct_model)
   if question_type == "full":
     question, answer_type = full_question(), "grid"
-  elif question_type == "pair":
-    if pair is None:
-      raise ValueError("A pair question needs the two positions `pair=(k, l)`.")
-    question, answer_type = pair_question(pair[0], pair[1], choices), "letter"
   else:
-    raise ValueError(f"Unknown question_type {question_type!r}; expected 'full' or 'pair'.")
+    question, answer_type = pair_question(pair[0], pair[1], choices), "letter"
   return with_instruction(task_statement(m, n, mask_ratio) + question, answer_type, m, n, think,
                           instruct_model)

@@ -7,6 +7,8 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
+from jigsaw_jax.puzzles.prompts import PROMPT_STYLES
+
 QUESTION_TYPES = ("full", "pair")
 ANSWER_TYPE_OF_QUESTION = {"full": "grid", "pair": "letter"}
 
@@ -24,6 +26,8 @@ class PuzzleSpec:
     mask_ratio: black out this fraction of each patch's border (0 in the paper).
     instruct_model: chat prompt for instruct models; False wraps the text in the R1-Zero
       "A conversation between User and Assistant" template used for base models.
+    prompt_style: "paper" (Jigsaw-R1's wording) or "compact" (the same information in about a
+      fifth of the tokens, for policies that read no English; see puzzles/prompts.py).
   """
 
   m: int = 2
@@ -33,6 +37,7 @@ class PuzzleSpec:
   shuffle_mn: bool = True
   mask_ratio: float = 0.0
   instruct_model: bool = True
+  prompt_style: str = "paper"
 
   def __post_init__(self):
     if self.question_type not in QUESTION_TYPES:
@@ -42,6 +47,9 @@ class PuzzleSpec:
       raise ValueError(
           f"A puzzle needs at least two patches; got a {self.m}x{self.n} grid. "
           "Set m and n to positive integers with m*n >= 2.")
+    if self.prompt_style not in PROMPT_STYLES:
+      raise ValueError(
+          f"prompt_style must be one of {PROMPT_STYLES}, got {self.prompt_style!r}.")
     if not 0.0 <= self.mask_ratio < 0.5:
       raise ValueError(f"mask_ratio must be in [0, 0.5), got {self.mask_ratio}.")
 

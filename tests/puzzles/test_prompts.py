@@ -65,3 +65,35 @@ def test_generated_pair_prompt_lists_its_choices_in_letter_order():
     assert f"({letter}) {choice}\n" in puzzle.prompt
   assert puzzle.messages() == [{"role": "user", "content": [
       {"type": "image"}, {"type": "text", "text": puzzle.prompt}]}]
+
+
+@pytest.mark.parametrize("question_type", ["full", "pair"])
+def test_compact_prompt_keeps_what_a_puzzle_needs_in_a_fraction_of_the_text(question_type):
+  image = np.zeros((12, 12, 3), np.uint8)
+  paper, compact = (make_puzzle(image, PuzzleSpec(m=2, n=2, question_type=question_type,
+                                                  prompt_style=style), puzzle_rng(0, 5))
+                    for style in ("paper", "compact"))
+  # Same puzzle, same answer: only the wording differs.
+  assert compact.solution == paper.solution and compact.choices == paper.choices
+  text = compact.prompt
+  assert len(text) < len(paper.prompt) / 2  # the 2x2 pair choices themselves are long
+  assert text.startswith("2x2 jigsaw, positions 1 (top-left) to 4 (bottom-right).")
+  if question_type == "full":
+    assert text.endswith("as a 2x2 grid?")
+  else:
+    k, l = compact.pair
+    assert f"Patches {k} and {l}:" in text
+    for letter, choice in zip("ABCDEFGH", compact.choices):
+      assert f"({letter}) {choice}" in text
+
+
+def test_compact_prompt_thinking_masking_and_base_model_template():
+  text = puzzle_prompt(2, 1, "full", True, mask_ratio=0.1, instruct_model=False, style="compact")
+  assert "Borders masked." in text
+  assert "Think in <think> </think>, answer in <answer> </answer>." in text
+  assert text.endswith("Assistant: <think>")
+
+
+def test_unknown_prompt_style_is_refused_with_the_valid_ones():
+  with pytest.raises(ValueError, match=r"prompt_style must be one of \('paper', 'compact'\)"):
+    PuzzleSpec(prompt_style="short")
