@@ -46,33 +46,51 @@ from jigsaw_jax.rl import sft
 from jigsaw_jax.rl.steps import make_optimizer
 
 ROTATIONS = (0, 90, 180, 270)
-ROTATION_PROMPT = (
-    "The input image may have been rotated. By how many degrees clockwise was it rotated?\n\n"
-    "Select the correct answer from the following 4 choices:\n\n"
-    + "\n".join(f"({string.ascii_uppercase[i]}) {d} degrees" for i, d in enumerate(ROTATIONS))
-    + "\n\nDirectly output the final answer. The final answer should be a single letter.")
 
 
-def rotation_example(image: np.ndarray, rng: np.random.Generator):
+def _choice_prompt(question: str, choices, style: str) -> str:
+  """A multiple-choice prompt in the run's prompt style (puzzles/prompts.py)."""
+  if style == "compact":
+    return f"{question} " + " ".join(
+        f"({string.ascii_uppercase[i]}) {c}" for i, c in enumerate(choices)) + " Letter?"
+  return (f"{question}\n\nSelect the correct answer from the following {len(choices)} "
+          "choices:\n\n"
+          + "\n".join(f"({string.ascii_uppercase[i]}) {c}" for i, c in enumerate(choices))
+          + "\n\nDirectly output the final answer. The final answer should be a single letter.")
+
+
+ROTATION_PROMPTS = {
+    "paper": _choice_prompt(
+        "The input image may have been rotated. By how many degrees clockwise was it rotated?",
+        [f"{d} degrees" for d in ROTATIONS], "paper"),
+    "compact": _choice_prompt("Rotated clockwise by?", [f"{d} degrees" for d in ROTATIONS],
+                              "compact"),
+}
+
+
+def rotation_example(image: np.ndarray, rng: np.random.Generator, style: str = "paper"):
   """(rotated image, prompt, answer letter); square images keep their shape."""
   k = int(rng.integers(len(ROTATIONS)))
   # np.rot90 turns counter-clockwise; k clockwise quarter turns are -k of them.
-  return np.ascontiguousarray(np.rot90(image, -k)), ROTATION_PROMPT, string.ascii_uppercase[k]
+  return (np.ascontiguousarray(np.rot90(image, -k)), ROTATION_PROMPTS[style],
+          string.ascii_uppercase[k])
 
 
 SPLICE_CHOICES = ("one photograph", "two different photographs joined together")
-SPLICE_PROMPT = (
-    "Is this image a single photograph, or was it made by joining two different photographs?\n\n"
-    "Select the correct answer from the following 2 choices:\n\n"
-    + "\n".join(f"({string.ascii_uppercase[i]}) {c}" for i, c in enumerate(SPLICE_CHOICES))
-    + "\n\nDirectly output the final answer. The final answer should be a single letter.")
+SPLICE_PROMPTS = {
+    "paper": _choice_prompt(
+        "Is this image a single photograph, or was it made by joining two different "
+        "photographs?", SPLICE_CHOICES, "paper"),
+    "compact": _choice_prompt("One photo or two joined?", SPLICE_CHOICES, "compact"),
+}
 
 
-def splice_example(image: np.ndarray, other: np.ndarray, rng: np.random.Generator):
+def splice_example(image: np.ndarray, other: np.ndarray, rng: np.random.Generator,
+                   style: str = "paper"):
   """(image or a splice of two photos, prompt, letter): half of the time, the top/left half of
   `image` joined to the bottom/right half of `other` (same size), along either axis."""
   if rng.random() < 0.5:
-    return image, SPLICE_PROMPT, "A"
+    return image, SPLICE_PROMPTS[style], "A"
   axis = int(rng.integers(2))
   cut = image.shape[axis] // 2
   joined = np.array(image)
@@ -80,7 +98,7 @@ def splice_example(image: np.ndarray, other: np.ndarray, rng: np.random.Generato
     joined[cut:] = other[cut:]
   else:
     joined[:, cut:] = other[:, cut:]
-  return joined, SPLICE_PROMPT, "B"
+  return joined, SPLICE_PROMPTS[style], "B"
 
 
 def format_examples(puzzle, rng: np.random.Generator, count: int = 2):
@@ -129,6 +147,7 @@ def pretrain(config, model_cfg, processor: Processor, params, workdir: str):
     data_cfg.pipeline.prompts_per_batch = int(p.batch_size)
     data_cfg.pipeline.seed = int(config.data.pipeline.seed) + 7919  # not GRPO's puzzles
   puzzles = iter(data_lib.make_dataset(data_cfg))
+  style = str(config.data.pipeline.puzzle.prompt_style)  # pretext prompts worded like the puzzles'
   rng = np.random.default_rng(np.random.SeedSequence([int(config.seed), 1]))
   for step in range(1, int(p.steps) + 1):
     batch = next(puzzles)
@@ -137,10 +156,11 @@ def pretrain(config, model_cfg, processor: Processor, params, workdir: str):
     rows, batch_puzzles = int(p.batch_size), batch["puzzle"]
     rotations = int(round(rows * float(p.rotation_fraction)))
     splices = int(round(rows * float(p.splice_fraction)))
-    examples = [rotation_example(puzzle.original, rng) for puzzle in batch_puzzles[:rotations]]
+    examples = [rotation_example(puzzle.original, rng, style)
+                for puzzle in batch_puzzles[:rotations]]
     for i in range(rotations, rotations + splices):
       other = batch_puzzles[(i + 1) % len(batch_puzzles)].original  # a different photo crop
-      examples.append(splice_example(batch_puzzles[i].original, other, rng))
+      examples.append(splice_example(batch_puzzles[i].original, other, rng, style))
     for puzzle in batch_puzzles[rotations + splices:]:
       if len(examples) >= rows:
         break

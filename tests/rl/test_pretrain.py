@@ -52,7 +52,7 @@ def test_splice_joins_halves_of_two_photos_or_keeps_one():
   seen = set()
   for _ in range(40):
     out, prompt, letter = pretrain.splice_example(image, other, rng)
-    assert prompt == pretrain.SPLICE_PROMPT and out.shape == image.shape
+    assert prompt == pretrain.SPLICE_PROMPTS["paper"] and out.shape == image.shape
     if letter == "A":
       np.testing.assert_array_equal(out, image)
     else:
@@ -66,3 +66,16 @@ def test_splice_joins_halves_of_two_photos_or_keeps_one():
   assert seen == {"A", "B", "rows", "columns"}
   assert image.flags.writeable  # the inputs are not modified in place
   np.testing.assert_array_equal(image, _photo(2))
+
+
+def test_pretext_prompts_follow_the_puzzle_prompt_style():
+  image, other = _photo(2), _photo(3)
+  for style in ("paper", "compact"):
+    _, splice, _ = pretrain.splice_example(image, other, np.random.default_rng(0), style)
+    _, rotation, _ = pretrain.rotation_example(image, np.random.default_rng(0), style)
+    for prompt, choices in ((splice, pretrain.SPLICE_CHOICES),
+                            (rotation, [f"{d} degrees" for d in pretrain.ROTATIONS])):
+      positions = [prompt.index(f"({letter}) {c}") for letter, c in zip("ABCD", choices)]
+      assert positions == sorted(positions)
+  assert len(pretrain.SPLICE_PROMPTS["compact"]) < len(pretrain.SPLICE_PROMPTS["paper"]) / 2
+  assert pretrain.ROTATION_PROMPTS["compact"].endswith("Letter?")
