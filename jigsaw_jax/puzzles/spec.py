@@ -27,7 +27,7 @@ class PuzzleSpec:
     instruct_model: chat prompt for instruct models; False wraps the text in the R1-Zero
       "A conversation between User and Assistant" template used for base models.
     prompt_style: "paper" (Jigsaw-R1's wording) or "compact" (the same information in about a
-      fifth of the tokens, for policies that read no English; see puzzles/prompts.py).
+      quarter of the tokens, for policies that read no English; see puzzles/prompts.py).
   """
 
   m: int = 2
