@@ -61,11 +61,19 @@ def full_question() -> str:
           "patch currently at position X should belong at position Y, place \"Y\" at position X.")
 
 
+def _lettered(choices: Sequence[str], separator: str) -> str:
+  return separator.join(f"({string.ascii_uppercase[i]}) {c}" for i, c in enumerate(choices))
+
+
+def _paper_choices(question: str, choices: Sequence[str]) -> str:
+  lines = _lettered(choices, "\n")
+  return (f"{question}\n\nSelect the correct answer from the following {len(choices)} "
+          f"choices:\n\n{lines}")
+
+
 def pair_question(k: int, l: int, choices: Sequence[str]) -> str:
-  lines = "\n".join(f"({string.ascii_uppercase[i]}) {c}" for i, c in enumerate(choices))
-  return (f"For patches currently at positions {k} and {l}, determine their relative position "
-          f"in the original image.\n\nSelect the correct answer from the following "
-          f"{len(choices)} choices:\n\n{lines}")
+  return _paper_choices(f"For patches currently at positions {k} and {l}, determine their "
+                        "relative position in the original image.", choices)
 
 
 def with_instruction(question: str, answer_type: str, m: int, n: int, think: bool,
@@ -97,10 +105,17 @@ def compact_question(m: int, n: int, question_type: str, think: bool,
   if question_type == "full":
     body = f"Original position of each patch, as a {m}x{n} grid?"
   else:
-    lines = " ".join(f"({string.ascii_uppercase[i]}) {c}" for i, c in enumerate(choices))
-    body = f"Patches {pair[0]} and {pair[1]}: {lines} Letter?"
+    body = f"Patches {pair[0]} and {pair[1]}: {_lettered(choices, ' ')} Letter?"
   tail = " Think in <think> </think>, answer in <answer> </answer>." if think else ""
   return f"{head} {body}{tail}"
+
+
+def multiple_choice(question: str, choices: Sequence[str], style: str = "paper") -> str:
+  """A non-puzzle question with lettered choices, answered directly with one letter, in either
+  prompt style (the CPU miniature's pretraining pretexts)."""
+  if style == "compact":
+    return f"{question} {_lettered(choices, ' ')} Letter?"
+  return with_instruction(_paper_choices(question, choices), "letter", 1, 1, think=False)
 
 
 def puzzle_prompt(m: int, n: int, question_type: str, think: bool, *, mask_ratio: float = 0.0,

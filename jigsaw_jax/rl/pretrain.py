@@ -41,30 +41,17 @@ import numpy as np
 from jigsaw_jax import checkpoint as checkpoint_lib
 from jigsaw_jax import data as data_lib
 from jigsaw_jax.models.processing import Processor, collate
-from jigsaw_jax.puzzles.prompts import index_grid
+from jigsaw_jax.puzzles.prompts import index_grid, multiple_choice
 from jigsaw_jax.rl import sft
 from jigsaw_jax.rl.steps import make_optimizer
 
 ROTATIONS = (0, 90, 180, 270)
-
-
-def _choice_prompt(question: str, choices, style: str) -> str:
-  """A multiple-choice prompt in the run's prompt style (puzzles/prompts.py)."""
-  if style == "compact":
-    return f"{question} " + " ".join(
-        f"({string.ascii_uppercase[i]}) {c}" for i, c in enumerate(choices)) + " Letter?"
-  return (f"{question}\n\nSelect the correct answer from the following {len(choices)} "
-          "choices:\n\n"
-          + "\n".join(f"({string.ascii_uppercase[i]}) {c}" for i, c in enumerate(choices))
-          + "\n\nDirectly output the final answer. The final answer should be a single letter.")
-
-
 ROTATION_PROMPTS = {
-    "paper": _choice_prompt(
+    "paper": multiple_choice(
         "The input image may have been rotated. By how many degrees clockwise was it rotated?",
-        [f"{d} degrees" for d in ROTATIONS], "paper"),
-    "compact": _choice_prompt("Rotated clockwise by?", [f"{d} degrees" for d in ROTATIONS],
-                              "compact"),
+        [f"{d} degrees" for d in ROTATIONS]),
+    "compact": multiple_choice("Rotated clockwise by?", [f"{d} degrees" for d in ROTATIONS],
+                               "compact"),
 }
 
 
@@ -78,10 +65,10 @@ def rotation_example(image: np.ndarray, rng: np.random.Generator, style: str = "
 
 SPLICE_CHOICES = ("one photograph", "two different photographs joined together")
 SPLICE_PROMPTS = {
-    "paper": _choice_prompt(
+    "paper": multiple_choice(
         "Is this image a single photograph, or was it made by joining two different "
-        "photographs?", SPLICE_CHOICES, "paper"),
-    "compact": _choice_prompt("One photo or two joined?", SPLICE_CHOICES, "compact"),
+        "photographs?", SPLICE_CHOICES),
+    "compact": multiple_choice("One photo or two joined?", SPLICE_CHOICES, "compact"),
 }
 
 
