@@ -24,6 +24,9 @@ or on the command line: `--config.data.source.kind=procedural --config.data.pipe
     photos:         names of the photos to use (None: all twelve; see bundled.PHOTO_NAMES).
     min_detail:     redraw crops flatter than this mean neighbour difference (0: keep all).
     same_scale:     crop both splits at one distribution of pixel scale (see BundledSource).
+    vflip:          flip half of the train crops upside down (never the test split).
+    min_contrast:   lower each train crop's contrast by a factor in [min_contrast, 1] (1.0: off;
+                    never the test split).
   folder only:
     path:           the folder, searched recursively for extensions.
     file_list:      optional JSON list of paths (relative to path, or absolute), like the
@@ -79,6 +82,8 @@ def source_config() -> ml_collections.ConfigDict:
       "photos": ml_collections.FieldReference(None, field_type=tuple),
       "min_detail": 0.0,
       "same_scale": False,
+      "vflip": False,
+      "min_contrast": 1.0,
       # folder
       "path": "",
       "file_list": "",

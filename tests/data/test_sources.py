@@ -164,3 +164,34 @@ def test_make_image_source_errors_list_what_is_valid():
     data.make_image_source(ml_collections.ConfigDict({"kind": "coco"}))
   with pytest.raises(ValueError, match="needs config.data.source.image_size"):
     data.make_image_source({"kind": "procedural", "image_size": None})
+
+
+def test_bundled_train_augmentation_flips_and_dims_train_crops_only():
+  kwargs = dict(image_size=(24, 24), min_detail=8.0)
+  plain = {split: data.BundledSource(split, **kwargs) for split in ("train", "test")}
+  augmented = {split: data.BundledSource(split, vflip=True, min_contrast=0.25, **kwargs)
+               for split in ("train", "test")}
+  for index in range(40):
+    # The test split is untouched, crop for crop and pixel for pixel.
+    assert augmented["test"].crop_box(index) == plain["test"].crop_box(index)
+    np.testing.assert_array_equal(augmented["test"][index], plain["test"][index])
+  crops = [augmented["train"].chosen_crop(i)[0] for i in range(200)]
+  assert 0.35 < np.mean([c.vflip for c in crops]) < 0.65
+  factors = np.array([c.contrast for c in crops])
+  assert factors.min() >= 0.25 and factors.max() <= 1.0 and factors.std() > 0.15
+  for index in range(20):
+    crop, _ = augmented["train"].chosen_crop(index)
+    before, _ = plain["train"].chosen_crop(index)
+    # Same boxes as without augmentation: min_detail judges the crop before its contrast changes.
+    assert (crop.photo, crop.box, crop.flip) == (before.photo, before.box, before.flip)
+    expected = plain["train"][index].astype(np.float32)
+    if crop.vflip:
+      expected = expected[::-1]
+    mean = expected.mean(axis=(0, 1))
+    expected = np.clip(np.round(mean + crop.contrast * (expected - mean)), 0, 255)
+    np.testing.assert_allclose(augmented["train"][index], expected, atol=1)
+
+
+def test_bundled_min_contrast_out_of_range_names_the_field():
+  with pytest.raises(ValueError, match="min_contrast must be in"):
+    data.BundledSource("train", (16, 16), min_contrast=0.0)
