@@ -42,6 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
       num_iterations=1,  # mu: updates per batch against the sampling policy's log-probs
       micro_batches=1,  # gradient accumulation within one optimizer step
       overlong_buffer=0,  # DAPO's soft overlong punishment window in tokens (0: off)
+      # DAPO's dynamic sampling (rl/dynamic_sampling.py): draw batches until prompts_per_batch
+      # groups have rewards that differ, at most max_draws per step (then zero-variance groups
+      # fill the batch). Off in the paper's runs.
+      dynamic_sampling=False, max_draws=4,
       # Score each prompt once and share its KV cache with its G completions (same numbers, about
       # G times less prompt compute); False: every row runs its own copy of the prompt.
       share_prompt=True,

@@ -4,7 +4,8 @@ One function, top to bottom, in sections (the big_vision way): set-up, mesh, pol
 optimizer and step functions, restore, evaluation, then the loop. Each step:
 
     grain batch (B puzzles x G copies) -> rollout (prefill once per puzzle, G samples)
-      -> rewards (host) -> advantages -> mu x [micro-batched grads -> one optax update]
+      -> rewards (host) [-> more batches until B groups carry a signal: DAPO's dynamic sampling]
+      -> advantages -> mu x [micro-batched grads -> one optax update]
       -> metrics (clu) -> checkpoint (Orbax, with the data iterator state)
 """
 
@@ -25,7 +26,9 @@ from jigsaw_jax import metrics as metrics_lib
 from jigsaw_jax import sharding as sharding_lib
 from jigsaw_jax.models import adapters as adapters_lib
 from jigsaw_jax.models import policy as policy_lib
+from jigsaw_jax.models.processing import collate
 from jigsaw_jax.rl import advantages as advantages_lib
+from jigsaw_jax.rl import dynamic_sampling
 from jigsaw_jax.rl import losses as losses_lib
 from jigsaw_jax.rl import pretrain as pretrain_lib
 from jigsaw_jax.rl import rollout_rewards
@@ -187,14 +190,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     run_eval(0)
   last_metrics: Dict[str, Any] = {}
   bucket = int(config.rollout.prompt_bucket)
-  for step in range(start_step + 1, total_steps + 1):
+
+  def draw_groups(rollout_rng) -> dynamic_sampling.Groups:
+    """One batch of puzzles from the input, rolled out G times each and scored."""
     with timer.phase("data"):
       batch = next(data_iter)
       prompts, puzzles = rollout_rewards.unique_prompts(batch, group, processor, bucket)
 
     with timer.phase("rollout"):
-      step_rng = jax.random.fold_in(state["rng"], step)
-      rollout = jax.block_until_ready(sampler.generate(policy(), prompts, step_rng))
+      rollout = jax.block_until_ready(sampler.generate(policy(), prompts, rollout_rng))
       tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
 
     with timer.phase("reward"):
@@ -202,14 +206,33 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       scores = rollout_rewards.score_texts(puzzles, texts, group,
                                            **rollout_rewards.reward_options(config))
       rewards = scores["total"]
-      lengths = mask.sum(-1)
       if config.rl.overlong_buffer:
         rewards = rewards + np.asarray(advantages_lib.overlong_penalty(
-            lengths, config.rollout.max_new_tokens, config.rl.overlong_buffer)).reshape(
+            mask.sum(-1), config.rollout.max_new_tokens, config.rl.overlong_buffer)).reshape(
                 rewards.shape)
-      adv = np.asarray(advantage_fn(rewards), np.float32).reshape(-1)
+    return dynamic_sampling.Groups(list(batch["encoded"][::group]), puzzles, tokens, mask, texts,
+                                   scores, rewards)
+
+  for step in range(start_step + 1, total_steps + 1):
+    step_rng = jax.random.fold_in(state["rng"], step)
+    draws = [draw_groups(step_rng)]
+    if config.rl.dynamic_sampling:
+      wanted = len(draws[0])
+      while len(draws) < int(config.rl.max_draws) and dynamic_sampling.any_process(
+          dynamic_sampling.count_informative(draws) < wanted):
+        draws.append(draw_groups(jax.random.fold_in(step_rng, len(draws) + 1000)))
+      groups = dynamic_sampling.fill_batch(draws, wanted)
+    else:
+      groups = draws[0]
+    # Reward metrics describe the policy's samples: every draw, not just the groups kept.
+    drawn = dynamic_sampling.Groups.concat(draws) if len(draws) > 1 else groups
+    puzzles, texts, scores, rewards = groups.puzzles, groups.texts, groups.scores, groups.rewards
+    tokens, mask = groups.tokens, groups.mask
+    lengths = drawn.mask.sum(-1)
+    adv = np.asarray(advantage_fn(rewards), np.float32).reshape(-1)
 
     with timer.phase("update"):
+      prompts = collate(groups.encoded, processor.pad_token_id, bucket)
       seq = build_sequences(model_cfg, prompts, tokens, mask, group)
       micro = list(split_rows(seq, int(config.rl.micro_batches)))
       adv_micro = np.split(adv, len(micro))
@@ -238,13 +261,18 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     if not finite:
       logging.warning("step %d: non-finite gradient; the update was skipped.", step)
     last_metrics = {
-        "reward/total": rewards.mean(), "reward/accuracy": scores["accuracy"].mean(),
-        "reward/format": scores["format"].mean(), "reward/correct": scores["correct"].mean(),
+        "reward/total": drawn.rewards.mean(), "reward/accuracy": drawn.scores["accuracy"].mean(),
+        "reward/format": drawn.scores["format"].mean(),
+        "reward/correct": drawn.scores["correct"].mean(),
         "reward/zero_variance_groups": float(
-            np.mean(advantages_lib.zero_variance_groups(rewards))),
+            np.mean(advantages_lib.zero_variance_groups(drawn.rewards))),
         "completion/length_tokens": lengths.mean(), "loss": loss, **loss_metrics,
         "grad_norm": float(update_stats["grad_norm"]), "skipped_update": 0.0 if finite else 1.0,
         **timer.finish_step()}
+    if config.rl.dynamic_sampling:
+      last_metrics["dynamic/draws"] = float(len(draws))
+      last_metrics["dynamic/zero_variance_kept"] = float(
+          np.mean(advantages_lib.zero_variance_groups(rewards)))
     if step % int(config.metrics.log_every) == 0 or step == total_steps:
       metrics_lib.write_scalars(writer, step, last_metrics)
     if config.metrics.samples_every and step % int(config.metrics.samples_every) == 0:

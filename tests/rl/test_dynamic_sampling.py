@@ -1,0 +1,93 @@
+"""DAPO's dynamic sampling: the update trains on groups whose rewards differ, drawn over as many
+batches as it takes (up to config.rl.max_draws), and zero-variance groups only fill a short batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from configs import jigsaw_2x1
+from jigsaw_jax.rl import dynamic_sampling, trainer
+
+
+def _groups(rewards, tag):
+  """Groups with the given [P, G] rewards; every row's token holds its (tag, prompt, sample)."""
+  rewards = np.asarray(rewards, np.float32)
+  prompts, group = rewards.shape
+  rows = [(tag, p, g) for p in range(prompts) for g in range(group)]
+  return dynamic_sampling.Groups(
+      encoded=[f"{tag}-prompt{p}" for p in range(prompts)],
+      puzzles=[f"{tag}-puzzle{p}" for p in range(prompts)],
+      tokens=np.array([[100 * t + 10 * p + g] for t, p, g in rows]),
+      mask=np.ones((prompts * group, 1)), texts=[f"{t}{p}{g}" for t, p, g in rows],
+      scores={"total": rewards, "correct": rewards}, rewards=rewards)
+
+
+def test_fill_batch_keeps_signal_groups_in_draw_order_then_fills():
+  first = _groups([[1, 1, 1], [0, 1, 0], [0, 0, 0]], tag=1)
+  second = _groups([[1, 0, 1], [2, 2, 2], [0.5, 0, 0]], tag=2)
+  assert dynamic_sampling.count_informative([first, second]) == 3
+  batch = dynamic_sampling.fill_batch([first, second], 3)
+  assert batch.puzzles == ["1-puzzle1", "2-puzzle0", "2-puzzle2"]
+  np.testing.assert_array_equal(batch.rewards, [[0, 1, 0], [1, 0, 1], [0.5, 0, 0]])
+  # Rows travel with their group: tokens, masks and texts of the same samples.
+  np.testing.assert_array_equal(batch.tokens[:, 0], [110, 111, 112, 200, 201, 202, 220, 221, 222])
+  assert batch.texts[3:6] == ["200", "201", "202"]
+  # Too few signal groups: zero-variance ones fill the rest, in draw order.
+  short = dynamic_sampling.fill_batch([first], 3)
+  assert short.puzzles == ["1-puzzle1", "1-puzzle0", "1-puzzle2"]
+  with pytest.raises(ValueError, match="fewer than the batch"):
+    dynamic_sampling.fill_batch([first], 4)
+
+
+def _config():
+  c = jigsaw_2x1.get_config("tiny")
+  c.total_steps = 2
+  c.pretrain.steps = 0
+  c.eval.at_start = c.eval.at_end = False
+  c.eval.every_steps = 0
+  c.checkpoint.async_save = False
+  c.data.pipeline.prompts_per_batch = 2
+  c.data.pipeline.group_size = 4
+  c.rollout.max_new_tokens = 4
+  c.rl.dynamic_sampling = True
+  c.rl.max_draws = 3
+  return c
+
+
+@pytest.mark.slow
+def test_trainer_draws_until_the_batch_has_a_signal_and_stops_at_the_cap(tmp_path, monkeypatch):
+  # Scripted rewards per draw (2 prompts x 4 samples). Step 1: the first draw has one group with
+  # a signal, the second two more, so it stops after 2 draws with no zero-variance group kept.
+  # Step 2: nothing ever varies, so it stops at max_draws = 3 and keeps zero-variance groups.
+  script = iter([
+      [[1, 1, 1, 1], [0, 1, 0, 0]],
+      [[1, 0, 0, 0], [0, 0, 1, 1]],
+      [[1, 1, 1, 1], [0, 0, 0, 0]],
+      [[0, 0, 0, 0], [0, 0, 0, 0]],
+      [[1, 1, 1, 1], [1, 1, 1, 1]],
+  ])
+  real_score = trainer.rollout_rewards.score_texts
+
+  def scripted(*args, **kwargs):
+    scores = real_score(*args, **kwargs)
+    scores["total"] = np.asarray(next(script), np.float32)
+    return scores
+  logged = {}
+  real_write = trainer.metrics_lib.write_scalars
+
+  def capture(writer, step, scalars):
+    logged[step] = dict(scalars)
+    real_write(writer, step, scalars)
+  monkeypatch.setattr(trainer.rollout_rewards, "score_texts", scripted)
+  monkeypatch.setattr(trainer.metrics_lib, "write_scalars", capture)
+
+  trainer.train_and_evaluate(_config(), str(tmp_path))
+  assert logged[1]["dynamic/draws"] == 2 and logged[1]["dynamic/zero_variance_kept"] == 0
+  assert logged[2]["dynamic/draws"] == 3 and logged[2]["dynamic/zero_variance_kept"] == 1
+  # Reward metrics describe every sample drawn, not just the groups kept.
+  assert logged[1]["reward/total"] == pytest.approx(np.mean([1, 1, 1, 1, 0, 1, 0, 0,
+                                                             1, 0, 0, 0, 0, 0, 1, 1]))
+  assert logged[2]["reward/zero_variance_groups"] == 1
+  with pytest.raises(StopIteration):
+    next(script)  # exactly the five scripted draws were made
