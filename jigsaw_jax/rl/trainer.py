@@ -93,6 +93,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   group = int(config.data.pipeline.group_size)
   if group < 2:
     raise ValueError("GRPO needs config.data.pipeline.group_size >= 2 samples per puzzle.")
+  if config.rl.dynamic_sampling and int(config.rl.max_draws) < 1:
+    raise ValueError("config.rl.max_draws (batches drawn per step with dynamic sampling) must be "
+                     f">= 1; got {config.rl.max_draws}.")
 
   # ----------------------------------------------------------------------------------------
   # Mesh and policy.
@@ -220,6 +223,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       wanted = len(draws[0])
       while len(draws) < int(config.rl.max_draws) and dynamic_sampling.any_process(
           dynamic_sampling.count_informative(draws) < wanted):
+        # Keys of later draws stay clear of fold_in(step_rng, iteration + 1), adapter dropout's.
         draws.append(draw_groups(jax.random.fold_in(step_rng, len(draws) + 1000)))
       groups = dynamic_sampling.fill_batch(draws, wanted)
     else:
