@@ -146,10 +146,9 @@ class BundledSource:
       Measured before any contrast change, so the augmentation below draws no other crops.
     vflip: flip half of the train crops upside down (the test split is never flipped so).
     min_contrast: scale each train crop's deviation from its mean colour by a factor drawn
-      uniformly from [min_contrast, 1] (1.0: off; never applied to the test split). Measured with
-      supervised answers on the miniature, a tiny solver misses seams mostly in the dim, flat
-      crops (the held-out regions of coffee and grace_hopper), and training on fainter copies of
-      the photos narrows that gap.
+      uniformly from [min_contrast, 1] (1.0: off; never applied to the test split). Aimed at
+      the miniature's misses, which are mostly dim, flat held-out crops (coffee, grace_hopper);
+      measured there, it slowed learning instead (README), so the miniature leaves it off.
   """
 
   def __init__(self, split: str = "train", image_size: Sequence[int] = (112, 112), seed: int = 0,
