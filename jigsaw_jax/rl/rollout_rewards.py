@@ -23,12 +23,19 @@ def encode_record(processor: Processor):
   return transform
 
 
-def unique_prompts(batch: Dict[str, Any], group_size: int, processor: Processor,
-                   bucket: int) -> tuple[PromptBatch, List[Puzzle]]:
-  """The distinct prompts of a batch (one per group), collated and left-padded to a bucket."""
+def unique_encoded(batch: Dict[str, Any], group_size: int,
+                   processor: Processor) -> tuple[list, List[Puzzle]]:
+  """The distinct prompts of a batch (one per group), encoded, not collated; and their puzzles."""
   puzzles = list(batch["puzzle"][::group_size])
   encoded = [e for e in batch["encoded"][::group_size]] if "encoded" in batch else [
       processor.encode_prompt(p.prompt, p.image) for p in puzzles]
+  return encoded, puzzles
+
+
+def unique_prompts(batch: Dict[str, Any], group_size: int, processor: Processor,
+                   bucket: int) -> tuple[PromptBatch, List[Puzzle]]:
+  """The distinct prompts of a batch (one per group), collated and left-padded to a bucket."""
+  encoded, puzzles = unique_encoded(batch, group_size, processor)
   return collate(encoded, processor.pad_token_id, bucket), puzzles
 
 

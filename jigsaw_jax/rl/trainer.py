@@ -194,11 +194,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   last_metrics: Dict[str, Any] = {}
   bucket = int(config.rollout.prompt_bucket)
 
-  def draw_groups(rollout_rng) -> dynamic_sampling.Groups:
-    """One batch of puzzles from the input, rolled out G times each and scored."""
+  def draw_groups(rollout_rng):
+    """One batch of puzzles from the input, rolled out G times each and scored: the Groups and
+    their collated prompts."""
     with timer.phase("data"):
-      batch = next(data_iter)
-      prompts, puzzles = rollout_rewards.unique_prompts(batch, group, processor, bucket)
+      encoded, puzzles = rollout_rewards.unique_encoded(next(data_iter), group, processor)
+      prompts = collate(encoded, processor.pad_token_id, bucket)
 
     with timer.phase("rollout"):
       rollout = jax.block_until_ready(sampler.generate(policy(), prompts, rollout_rng))
@@ -213,21 +214,22 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
         rewards = rewards + np.asarray(advantages_lib.overlong_penalty(
             mask.sum(-1), config.rollout.max_new_tokens, config.rl.overlong_buffer)).reshape(
                 rewards.shape)
-    return dynamic_sampling.Groups(list(batch["encoded"][::group]), puzzles, tokens, mask, texts,
-                                   scores, rewards)
+    return dynamic_sampling.Groups(encoded, puzzles, tokens, mask, texts, scores,
+                                   rewards), prompts
 
   for step in range(start_step + 1, total_steps + 1):
     step_rng = jax.random.fold_in(state["rng"], step)
-    draws = [draw_groups(step_rng)]
+    first, first_prompts = draw_groups(step_rng)
+    draws = [first]
     if config.rl.dynamic_sampling:
       wanted = len(draws[0])
       while len(draws) < int(config.rl.max_draws) and dynamic_sampling.any_process(
           dynamic_sampling.count_informative(draws) < wanted):
         # Keys of later draws stay clear of fold_in(step_rng, iteration + 1), adapter dropout's.
-        draws.append(draw_groups(jax.random.fold_in(step_rng, len(draws) + 1000)))
+        draws.append(draw_groups(jax.random.fold_in(step_rng, len(draws) + 1000))[0])
       groups = dynamic_sampling.fill_batch(draws, wanted)
     else:
-      groups = draws[0]
+      groups = first
     # Reward metrics describe the policy's samples: every draw, not just the groups kept.
     drawn = dynamic_sampling.Groups.concat(draws) if len(draws) > 1 else groups
     puzzles, texts, scores, rewards = groups.puzzles, groups.texts, groups.scores, groups.rewards
@@ -236,7 +238,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     adv = np.asarray(advantage_fn(rewards), np.float32).reshape(-1)
 
     with timer.phase("update"):
-      prompts = collate(groups.encoded, processor.pad_token_id, bucket)
+      # Groups picked across draws need collating anew; a single draw's prompts are reused.
+      prompts = (first_prompts if groups is first else
+                 collate(groups.encoded, processor.pad_token_id, bucket))
       seq = build_sequences(model_cfg, prompts, tokens, mask, group)
       micro = list(split_rows(seq, int(config.rl.micro_batches)))
       adv_micro = np.split(adv, len(micro))
