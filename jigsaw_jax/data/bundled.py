@@ -1,8 +1,9 @@
 """The default image source: random crops of the colour photos that ship inside installed packages.
 
-Twelve real photos are available with no download: eight from scikit-image (astronaut, chelsea,
-coffee, rocket, the left and right stereo motorcycle views, hubble_deep_field, retina,
-immunohistochemistry), china and flower from scikit-learn, and matplotlib's grace_hopper. Every
+Twelve real colour photos are available with no download: eight from scikit-image (astronaut,
+chelsea, coffee, rocket, the left and right stereo motorcycle views, hubble_deep_field, retina,
+immunohistochemistry), china and flower from scikit-learn, and matplotlib's grace_hopper; and four
+greyscale ones from scikit-image (camera, coins, page, text) that are used only when named. Every
 index draws its own crop (photo, scale, position, horizontal flip), so the supply of distinct images
 is unlimited while the pixels stay real photographs. Training crops may also be flipped upside down
 and lowered in contrast (`vflip`, `min_contrast`); test crops never are, so the held-out images stay
@@ -13,6 +14,8 @@ Train/test split: each photo is cut along its longer side into two disjoint regi
 train region and the rest is the test region. A crop is taken wholly inside its split's region
 before any resizing, so no train image shares a single source pixel with a test image.
 `crop_box(index)` exposes the region and box of every index so a test can check this.
+Photos named in `train_photos` have no test region: the train split crops them anywhere, the test
+split never draws them, so they add training images without changing the held-out set.
 """
 
 from __future__ import annotations
@@ -65,8 +68,15 @@ PHOTO_LOADERS: Dict[str, Callable[[], np.ndarray]] = {
     "china": _sklearn("china.jpg"),
     "flower": _sklearn("flower.jpg"),
     "grace_hopper": _matplotlib("grace_hopper.jpg"),
+    # Greyscale photographs (returned with three equal channels), not used unless named.
+    "camera": _skimage("camera"),
+    "coins": _skimage("coins"),
+    "page": _skimage("page"),
+    "text": _skimage("text"),
 }
 PHOTO_NAMES: Tuple[str, ...] = tuple(PHOTO_LOADERS)
+# The colour photos: what a source uses when no photos are named.
+COLOUR_PHOTOS: Tuple[str, ...] = PHOTO_NAMES[:12]
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,7 +143,11 @@ class BundledSource:
       (1.0: always the largest crop, so only position and flip vary).
     test_fraction: share of each photo's longer side kept for the test split.
     hflip: flip half of the crops left-right.
-    photos: names from `PHOTO_NAMES` to use (None: all).
+    photos: names from `PHOTO_NAMES` to use in both splits (None: the colour photos).
+    train_photos: more names from `PHOTO_NAMES`, drawn by the train split only and cropped from
+      the whole photo (the test split never sees them, so the held-out set does not change).
+      More distinct photos to train on narrow the gap between train and held-out accuracy that
+      memorising a few photos opens.
     same_scale: measure every crop against the largest crop that fits in BOTH splits' regions
       (the narrower test region), so train and test crops have one distribution of pixel scale.
       Off, each split measures against its own region: train crops (from 80% of a photo) are
@@ -154,17 +168,24 @@ class BundledSource:
   def __init__(self, split: str = "train", image_size: Sequence[int] = (112, 112), seed: int = 0,
                min_scale: float = 0.35, test_fraction: float = 0.2, hflip: bool = True,
                photos: Optional[Sequence[str]] = None, min_detail: float = 0.0,
-               same_scale: bool = False, vflip: bool = False, min_contrast: float = 1.0):
+               same_scale: bool = False, vflip: bool = False, min_contrast: float = 1.0,
+               train_photos: Sequence[str] = ()):
     images.check_split(split, "bundled")
     self.image_size = images.check_image_size(image_size, "bundled", required=True)
     if not 0.0 < min_scale <= 1.0:
       raise ValueError(f"config.data.source.min_scale must be in (0, 1]; got {min_scale}.")
     if not 0.0 < test_fraction < 1.0:
       raise ValueError(f"config.data.source.test_fraction must be in (0, 1); got {test_fraction}.")
-    self.photos = tuple(photos) if photos else PHOTO_NAMES
-    unknown = sorted(set(self.photos) - set(PHOTO_NAMES))
+    self.photos = tuple(photos) if photos else COLOUR_PHOTOS
+    self.train_photos = tuple(train_photos or ())
+    unknown = sorted(set(self.photos + self.train_photos) - set(PHOTO_NAMES))
     if unknown:
       raise ValueError(f"Unknown bundled photos {unknown}; choose from {PHOTO_NAMES}.")
+    both = sorted(set(self.photos) & set(self.train_photos))
+    if both:
+      raise ValueError(
+          f"Photos {both} are in both config.data.source.photos (split into train and test "
+          "regions) and config.data.source.train_photos (train only, whole); name each in one.")
     if not 0.0 < min_contrast <= 1.0:
       raise ValueError(
           f"config.data.source.min_contrast must be in (0, 1] (1.0 turns it off); got {min_contrast}.")
@@ -182,7 +203,14 @@ class BundledSource:
             f"{len(self.photos)} photos)")
 
   def region(self, photo: str) -> Region:
-    return split_region(load_photo(photo).shape, self.split, self.test_fraction)
+    shape = load_photo(photo).shape
+    if photo in self.train_photos:  # only the train split draws these, from the whole photo
+      return Region(top=0, left=0, height=int(shape[0]), width=int(shape[1]))
+    return split_region(shape, self.split, self.test_fraction)
+
+  def drawn_photos(self) -> Tuple[str, ...]:
+    """The photos this split draws from, each equally often."""
+    return self.photos + self.train_photos if self.split == "train" else self.photos
 
   def crop_box(self, index: int, attempt: int = 0) -> Crop:
     """The crop of `index`: a pure function of (seed, split, index, attempt)."""
@@ -190,11 +218,14 @@ class BundledSource:
       raise IndexError(f"BundledSource index {index} is outside [0, {UNLIMITED}).")
     stream = f"bundled/{self.split}" + (f"/retry{attempt}" if attempt else "")
     rng = images.index_rng(self.seed, stream, index)
-    photo = self.photos[int(rng.integers(len(self.photos)))]
+    drawn = self.drawn_photos()
+    photo = drawn[int(rng.integers(len(drawn)))]
     region = self.region(photo)
     out_h, out_w = self.image_size
     # The largest crop with the output's aspect ratio that fits (in both splits' regions with
-    # same_scale, this split's own included), then a random fraction of it.
+    # same_scale, this split's own included), then a random fraction of it. A train-only photo is
+    # measured like the others (against the regions a split would give it), so its crops have the
+    # same distribution of pixel scale.
     limits = ([split_region(load_photo(photo).shape, split, self.test_fraction)
                for split in ("train", "test")] if self.same_scale else [region])
     fit = min(min(limit.height / out_h, limit.width / out_w) for limit in limits)

@@ -21,7 +21,10 @@ or on the command line: `--config.data.source.kind=procedural --config.data.pipe
     min_scale:      smallest crop side as a fraction of the largest crop that fits (0, 1].
     test_fraction:  share of each photo's longer side reserved for the test split.
     hflip:          flip half of the crops left-right.
-    photos:         names of the photos to use (None: all twelve; see bundled.PHOTO_NAMES).
+    photos:         names of the photos to use in both splits (None: the twelve colour photos;
+                    see bundled.PHOTO_NAMES).
+    train_photos:   more photos for the train split only, cropped anywhere in them; the test
+                    split never draws them (default none).
     min_detail:     redraw crops flatter than this mean neighbour difference (0: keep all).
     same_scale:     crop both splits at one distribution of pixel scale (see BundledSource).
     vflip:          flip half of the train crops upside down (never the test split).
@@ -80,6 +83,7 @@ def source_config() -> ml_collections.ConfigDict:
       "test_fraction": 0.2,
       "hflip": True,
       "photos": ml_collections.FieldReference(None, field_type=tuple),
+      "train_photos": (),
       "min_detail": 0.0,
       "same_scale": False,
       "vflip": False,

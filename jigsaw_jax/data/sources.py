@@ -25,7 +25,7 @@ def make_image_source(
         split=c["split"], image_size=c["image_size"], seed=c["seed"], min_scale=c["min_scale"],
         test_fraction=c["test_fraction"], hflip=c["hflip"], photos=c["photos"],
         min_detail=c["min_detail"], same_scale=c["same_scale"], vflip=c["vflip"],
-        min_contrast=c["min_contrast"])
+        min_contrast=c["min_contrast"], train_photos=c["train_photos"])
   if kind == "procedural":
     return ProceduralSource(split=c["split"], image_size=c["image_size"], seed=c["seed"])
   if kind == "folder":

@@ -52,13 +52,16 @@ def test_unlimited_sources_reject_out_of_range_indices(source_class):
     source[-1]
 
 
-def test_every_bundled_photo_loads_offline_in_colour():
+def test_every_bundled_photo_loads_offline_as_rgb():
   for name in bundled.PHOTO_NAMES:
     photo = bundled.load_photo(name)
     assert photo.ndim == 3 and photo.shape[-1] == 3 and photo.dtype == np.uint8, name
-    assert photo.shape[0] >= 256 and photo.shape[1] >= 256, name
+    assert photo.shape[0] >= 160 and photo.shape[1] >= 160, name
     assert photo.std() > 10, f"{name} looks flat"
-  assert len(bundled.PHOTO_NAMES) == 12
+    is_grey = np.array_equal(photo[..., 0], photo[..., 1]) and np.array_equal(
+        photo[..., 0], photo[..., 2])
+    assert is_grey == (name not in bundled.COLOUR_PHOTOS), name
+  assert len(bundled.COLOUR_PHOTOS) == 12 and len(bundled.PHOTO_NAMES) == 16
 
 
 def test_bundled_train_and_test_regions_are_disjoint_and_cover_each_photo():
@@ -81,7 +84,7 @@ def test_bundled_train_and_test_crops_never_share_a_source_pixel(image_size):
       crop = source.crop_box(index)
       assert source.region(crop.photo).contains(crop.box), (source.split, index, crop)
       boxes.setdefault(crop.photo, []).append(crop.box)
-  assert len(train_boxes) == len(test_boxes) == len(bundled.PHOTO_NAMES)  # every photo is used
+  assert len(train_boxes) == len(test_boxes) == len(bundled.COLOUR_PHOTOS)  # the default photos
   for photo, boxes in train_boxes.items():
     for box in boxes:
       assert not any(box.overlaps(other) for other in test_boxes[photo]), photo
@@ -128,6 +131,32 @@ def test_bundled_photo_subset_and_unknown_photo():
   assert {source.crop_box(i).photo for i in range(50)} == {"chelsea", "coffee"}
   with pytest.raises(ValueError, match="Unknown bundled photos"):
     data.BundledSource("train", (16, 16), photos=("lena",))
+
+
+def test_train_photos_are_drawn_whole_by_train_only_and_leave_the_test_set_unchanged():
+  kwargs = dict(image_size=(42, 42), photos=("chelsea", "coffee"), min_scale=0.2)
+  extra = dict(train_photos=("camera", "page"))
+  train = data.BundledSource("train", **kwargs, **extra)
+  crops = [train.crop_box(i) for i in range(400)]
+  assert {c.photo for c in crops} == {"chelsea", "coffee", "camera", "page"}
+  for crop in (c for c in crops if c.photo in extra["train_photos"]):
+    height, width = bundled.load_photo(crop.photo).shape[:2]
+    assert train.region(crop.photo) == bundled.Region(0, 0, height, width)
+  # Crops land in the part a test split would have had: the photo is train-only as a whole.
+  camera = [c.box for c in crops if c.photo == "camera"]
+  test_part = bundled.split_region(bundled.load_photo("camera").shape, "test", 0.2)
+  assert any(box.overlaps(test_part) for box in camera)
+  test = data.BundledSource("test", **kwargs, **extra)
+  plain_test = data.BundledSource("test", **kwargs)
+  assert all(test.crop_box(i) == plain_test.crop_box(i) for i in range(200))
+  np.testing.assert_array_equal(test[7], plain_test[7])
+
+
+def test_a_photo_in_both_lists_is_an_error_naming_both_fields():
+  with pytest.raises(ValueError, match=r"\['coffee'\].*photos.*train_photos"):
+    data.BundledSource("train", (16, 16), photos=("chelsea", "coffee"), train_photos=("coffee",))
+  with pytest.raises(ValueError, match="Unknown bundled photos"):
+    data.BundledSource("train", (16, 16), train_photos=("lena",))
 
 
 def test_bad_split_names_the_valid_ones():
