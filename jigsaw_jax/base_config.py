@@ -141,7 +141,7 @@ def apply_miniature(c: ml_collections.ConfigDict) -> None:
   Learning rates and KL are much larger than the paper's because the policy is tiny and starts
   from a short pretraining stage instead of a 3B instruct model (see jigsaw_jax/rl/pretrain.py).
   """
-  c.total_steps = 1100
+  c.total_steps = 1200
   c.model.preset = "tiny_jigsaw"  # no patch merging: the 2x1 seam falls inside a patch
   # 198 = 9 patches of 22: nine patches straddle the seam, each 22 pixels wide. Measured with
   # supervised answers (800 steps of 32, 128 held-out puzzles each): 2x1 83% at 98 pixels in
@@ -177,13 +177,13 @@ def apply_miniature(c: ml_collections.ConfigDict) -> None:
   # not yet see the answer drifts there. Binary accuracy (paper Table 9) has no such fixed point.
   c.reward.binary_grid = True
   c.eval.sizes = ("2x1", "1x2", "3x1")
-  c.eval.every_steps = 275
+  c.eval.every_steps = 300
   # The base: answer format plus the splice pretext, which teaches the vision tower to see a seam
   # between two photos (rl/pretrain.py). Splice accuracy was still at chance after 400 steps of
   # 32 and 77% after 600 (98 pixels); at 126 pixels the pretraining loss starts to fall after
   # about 450 steps and is still falling at 700. The rotation pretext stayed at chance in our
   # budget and is left out.
-  c.pretrain.steps = 800
+  c.pretrain.steps = 600
   c.pretrain.batch_size = 32
   c.pretrain.rotation_fraction = 0.0
-  c.pretrain.splice_fraction = 0.5
+  c.pretrain.splice_fraction = 0.75
