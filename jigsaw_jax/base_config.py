@@ -177,14 +177,14 @@ def apply_miniature(c: ml_collections.ConfigDict) -> None:
   # not yet see the answer drifts there. Binary accuracy (paper Table 9) has no such fixed point.
   c.reward.binary_grid = True
   c.eval.sizes = ("2x1", "1x2", "3x1")
-  c.eval.every_steps = 300
+  c.eval.every_steps = 400
   # The base: answer format plus the splice pretext, which teaches the vision tower to see a seam
   # between two photos (rl/pretrain.py). With splices on half of the 32 rows (198 pixels) the
   # loss stayed flat for 650 steps and held-out splice accuracy was 72% after 800; on three
   # quarters it falls from step ~300, is flat again from ~500, and splice accuracy was 98% after
   # 800 (64 held-out examples); the format needs few rows. The rotation pretext stayed at chance
   # in our budget and is left out.
-  c.pretrain.steps = 600
+  c.pretrain.steps = 500
   c.pretrain.batch_size = 32
   c.pretrain.rotation_fraction = 0.0
   c.pretrain.splice_fraction = 0.75
