@@ -145,7 +145,7 @@ def apply_miniature(c: ml_collections.ConfigDict) -> None:
   c.model.preset = "tiny_jigsaw"  # no patch merging: the 2x1 seam falls inside a patch
   # 198 = 9 patches of 22: nine patches straddle the seam, each 22 pixels wide. Measured with
   # supervised answers (800 steps of 32, 128 held-out puzzles each): 2x1 83% at 98 pixels in
-  # patches of 14, 91% at 126 (14), 94% at 162 (18), 95% at 198 (22, 700 steps).
+  # patches of 14, 91% at 126 (14), 94% at 162 (18), 96% at 198 (22).
   c.data.source.image_size = c.data.pipeline.resize_to = (198, 198)
   # The tiny policy reads no English: the paper's ~130-token wording would be a constant prefix
   # costing most of each step. Same information, a quarter of the tokens (puzzles/prompts.py).
