@@ -145,9 +145,10 @@ class BundledSource:
     hflip: flip half of the crops left-right.
     photos: names from `PHOTO_NAMES` to use in both splits (None: the colour photos).
     train_photos: more names from `PHOTO_NAMES`, drawn by the train split only and cropped from
-      the whole photo (the test split never sees them, so the held-out set does not change).
-      More distinct photos to train on narrow the gap between train and held-out accuracy that
-      memorising a few photos opens.
+      the whole photo (the test split never sees them, so the held-out set does not change):
+      more distinct training images against memorising a few photos. Measured on the
+      miniature, the four greyscale photos delayed supervised learning and ended no better
+      (README), so it names none.
     same_scale: measure every crop against the largest crop that fits in BOTH splits' regions
       (the narrower test region), so train and test crops have one distribution of pixel scale.
       Off, each split measures against its own region: train crops (from 80% of a photo) are

@@ -89,9 +89,8 @@ def tiny_jigsaw() -> ModelConfig:
   Qwen's processor makes image sides multiples of patch * merge, so with merging every 2x1 seam
   falls exactly between two patches; without it (sides multiples of the patch only) an image an
   odd number of patches high has its seam inside a patch, where the patch embedding alone can see
-  it. Measured with a vision
-  probe on held-out bundled crops: 90% swap detection after 600 supervised steps, against 71%
-  with merging.
+  it. Measured with a vision probe on held-out bundled crops: 90% swap detection after 600
+  supervised steps, against 71% with merging.
 
   The reference's initializer_range (0.02) suits wide towers; in this 64-wide vision tower and
   128-wide decoder it leaves the image's contribution to the answer so small that supervised
