@@ -75,8 +75,9 @@ PHOTO_LOADERS: Dict[str, Callable[[], np.ndarray]] = {
     "text": _skimage("text"),
 }
 PHOTO_NAMES: Tuple[str, ...] = tuple(PHOTO_LOADERS)
+GREYSCALE_PHOTOS: Tuple[str, ...] = ("camera", "coins", "page", "text")
 # The colour photos: what a source uses when no photos are named.
-COLOUR_PHOTOS: Tuple[str, ...] = PHOTO_NAMES[:12]
+COLOUR_PHOTOS: Tuple[str, ...] = tuple(n for n in PHOTO_NAMES if n not in GREYSCALE_PHOTOS)
 
 
 @functools.lru_cache(maxsize=None)
