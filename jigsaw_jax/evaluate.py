@@ -225,7 +225,7 @@ def run(config, workdir: str):
   import jax.numpy as jnp
   from jigsaw_jax import checkpoint as checkpoint_lib
   from jigsaw_jax.models import policy as policy_lib
-  from jigsaw_jax.rl import trainer
+  from jigsaw_jax.rl import components
 
   model_cfg = policy_lib.model_config(config.model)
   processor = policy_lib.processor(config.model)
@@ -233,7 +233,7 @@ def run(config, workdir: str):
   source = config.restore.workdir or workdir
   step = 0
   if config.restore.from_checkpoint:
-    optimizer = trainer.optimizer_for(config)
+    optimizer = components.optimizer_for(config)
     target = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
               "rng": jax.random.key(0)}
     ckpt = checkpoint_lib.Checkpointer.from_config(source, config.checkpoint)

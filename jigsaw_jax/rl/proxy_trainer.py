@@ -39,6 +39,7 @@ from jigsaw_jax.rl import advantages as advantages_lib
 from jigsaw_jax.rl import pretrain as pretrain_lib
 from jigsaw_jax.rl import proxy as proxy_lib
 from jigsaw_jax.rl import rollout_rewards
+from jigsaw_jax.rl import components
 from jigsaw_jax.rl import trainer as grpo_trainer
 from jigsaw_jax.rl.steps import make_optimizer
 
@@ -175,7 +176,7 @@ def train(config, workdir: str) -> Dict[str, Any]:
   # Step functions.
   # ----------------------------------------------------------------------------------------
   sampler = proxy_lib.ProxySampler(
-      model_cfg, grpo_trainer.rollout_config(config, model_cfg, processor, group), pcfg, network)
+      model_cfg, components.rollout_config(config, model_cfg, processor, group), pcfg, network)
   advantage_fn = advantages_lib.get(config.rl.advantage)
   lcfg = loss_config(config)
 

@@ -122,7 +122,7 @@ def train(config, workdir: str):
   from jigsaw_jax.models import policy as policy_lib
   from jigsaw_jax.models.processing import collate
   from jigsaw_jax.models import adapters as adapters_lib
-  from jigsaw_jax.rl import rollout_rewards, trainer
+  from jigsaw_jax.rl import components, rollout_rewards
   from jigsaw_jax.rl.steps import make_optimizer
   from jigsaw_jax.rollout.sampler import Sampler
 
@@ -139,7 +139,7 @@ def train(config, workdir: str):
   # With config.adapter only the adapter trains and is saved; the base stays in `frozen`.
   model_cfg, params, frozen = policy_lib.attach_adapter(config, model_cfg, params, init_rng)
   policy = lambda: adapters_lib.join(state["params"], frozen)
-  optimizer = trainer.optimizer_for(config)
+  optimizer = components.optimizer_for(config)
   state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
            "rng": rng}
   steps = SupervisedSteps(model_cfg, optimizer)
@@ -159,7 +159,7 @@ def train(config, workdir: str):
     raise ValueError(f"config.sft.mode must be 'ground_truth' or 'rejection_sampling', got {mode!r}.")
   sampler = None
   if mode == "rejection_sampling":
-    sampler = Sampler(model_cfg, trainer.rollout_config(config, model_cfg, processor,
+    sampler = Sampler(model_cfg, components.rollout_config(config, model_cfg, processor,
                                                         int(config.sft.samples_per_prompt)))
   evaluator = evaluate_lib.Evaluator(model_cfg, processor, config.data, config.eval,
                                      processor.special_ids.eos_ids)

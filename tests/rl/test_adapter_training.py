@@ -13,7 +13,7 @@ import pytest
 from configs import jigsaw_2x1
 from jigsaw_jax import checkpoint as checkpoint_lib
 from jigsaw_jax.models import adapters, policy as policy_lib
-from jigsaw_jax.rl import sft, trainer
+from jigsaw_jax.rl import components, rollout_rewards, sft, trainer
 
 KINDS = ("lora", "moe_lora", "graph_moe")
 
@@ -45,7 +45,7 @@ def _saved_adapter(config, workdir):
   model_cfg = dataclasses.replace(policy_lib.model_config(config.model),
                                   adapter=policy_lib.adapter_config(config))
   like = adapters.init_adapters(model_cfg, jax.random.key(0))
-  target = {"params": like, "opt_state": trainer.optimizer_for(config).init(like),
+  target = {"params": like, "opt_state": components.optimizer_for(config).init(like),
             "step": jnp.int32(0), "rng": jax.random.key(0)}
   ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config.checkpoint)
   restored = ckpt.restore(target)
@@ -70,25 +70,23 @@ def _check_trained(saved, like, kind):
   assert adapters.count_params(saved) < 0.35 * 1.2e6
 
 
-def _noisy_rewards(monkeypatch):
+def _noisy_rewards():
   """A random tiny policy scores 0 on every completion, so every advantage would be 0; noise on
   the total reward gives the 2-step run a gradient to follow."""
-  real = trainer.rollout_rewards.score_texts
   noise = np.random.RandomState(0)
 
-  def score_texts(*args, **kwargs):
-    scores = real(*args, **kwargs)
+  def score_texts(puzzles, texts, group):
+    scores = rollout_rewards.score_texts(puzzles, texts, group)
     scores["total"] = scores["total"] + noise.rand(*scores["total"].shape).astype(np.float32)
     return scores
-  monkeypatch.setattr(trainer.rollout_rewards, "score_texts", score_texts)
+  return score_texts
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
-def test_grpo_with_adapter_trains_and_checkpoints_only_the_adapter(tmp_path, monkeypatch, kind):
-  _noisy_rewards(monkeypatch)
+def test_grpo_with_adapter_trains_and_checkpoints_only_the_adapter(tmp_path, kind):
   config = _config(kind, "grpo")
-  metrics = trainer.train_and_evaluate(config, str(tmp_path))
+  metrics = trainer.train_and_evaluate(config, str(tmp_path), rewards=_noisy_rewards())
   assert np.isfinite(metrics["loss"]) and metrics["skipped_update"] == 0.0
   assert metrics["grad_norm"] > 0
   if kind != "lora":

@@ -3,11 +3,15 @@ batches as it takes (up to config.rl.max_draws), and zero-variance groups only f
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
 from configs import jigsaw_2x1
-from jigsaw_jax.rl import dynamic_sampling, trainer
+from jigsaw_jax import data as data_lib
+from jigsaw_jax.models import policy as policy_lib
+from jigsaw_jax.rl import dynamic_sampling, rollout_rewards
+from jigsaw_jax.rl.grpo.step import GrpoStep
 
 
 def _groups(rewards, tag):
@@ -55,8 +59,17 @@ def _config():
   return c
 
 
+def _scripted(script):
+  """Rewards that follow `script` (one [P, G] array per draw), with the real scores' other keys."""
+  def rewards(puzzles, texts, group):
+    scores = rollout_rewards.score_texts(puzzles, texts, group)
+    scores["total"] = np.asarray(next(script), np.float32)
+    return scores
+  return rewards
+
+
 @pytest.mark.slow
-def test_trainer_draws_until_the_batch_has_a_signal_and_stops_at_the_cap(tmp_path, monkeypatch):
+def test_step_draws_until_the_batch_has_a_signal_and_stops_at_the_cap():
   # Scripted rewards per draw (2 prompts x 4 samples). Step 1: the first draw has one group with
   # a signal, the second two more, so it stops after 2 draws with no zero-variance group kept.
   # Step 2: nothing ever varies, so it stops at max_draws = 3 and keeps zero-variance groups.
@@ -67,27 +80,29 @@ def test_trainer_draws_until_the_batch_has_a_signal_and_stops_at_the_cap(tmp_pat
       [[0, 0, 0, 0], [0, 0, 0, 0]],
       [[1, 1, 1, 1], [1, 1, 1, 1]],
   ])
-  real_score = trainer.rollout_rewards.score_texts
+  config = _config()
+  model_cfg = policy_lib.model_config(config.model)
+  processor = policy_lib.processor(config.model)
+  params = policy_lib.initial_params(config.model, model_cfg, jax.random.key(0))
+  step = GrpoStep.from_config(config, model_cfg, processor, params, rewards=_scripted(script))
+  state = step.init_state(params, jax.random.key(1))
+  batches = iter(data_lib.make_dataset(
+      config.data, record_transform=rollout_rewards.encode_record(processor)))
 
-  def scripted(*args, **kwargs):
-    scores = real_score(*args, **kwargs)
-    scores["total"] = np.asarray(next(script), np.float32)
-    return scores
-  logged = {}
-  real_write = trainer.metrics_lib.write_scalars
-
-  def capture(writer, step, scalars):
-    logged[step] = dict(scalars)
-    real_write(writer, step, scalars)
-  monkeypatch.setattr(trainer.rollout_rewards, "score_texts", scripted)
-  monkeypatch.setattr(trainer.metrics_lib, "write_scalars", capture)
-
-  trainer.train_and_evaluate(_config(), str(tmp_path))
-  assert logged[1]["dynamic/draws"] == 2 and logged[1]["dynamic/zero_variance_kept"] == 0
-  assert logged[2]["dynamic/draws"] == 3 and logged[2]["dynamic/zero_variance_kept"] == 1
+  state, metrics, records = step(state, batches, jax.random.key(2))
+  assert int(state["step"]) == 1
+  assert metrics["dynamic/draws"] == 2 and metrics["dynamic/zero_variance_kept"] == 0
+  assert records.draws == 2 and len(records.drawn) == 4
+  # The update's groups: the first draw's second group, then the second draw's first.
+  np.testing.assert_array_equal(records.groups.rewards, [[0, 1, 0, 0], [1, 0, 0, 0]])
+  assert records.groups.puzzles == [records.drawn.puzzles[1], records.drawn.puzzles[2]]
   # Reward metrics describe every sample drawn, not just the groups kept.
-  assert logged[1]["reward/total"] == pytest.approx(np.mean([1, 1, 1, 1, 0, 1, 0, 0,
-                                                             1, 0, 0, 0, 0, 0, 1, 1]))
-  assert logged[2]["reward/zero_variance_groups"] == 1
+  assert metrics["reward/total"] == pytest.approx(np.mean([1, 1, 1, 1, 0, 1, 0, 0,
+                                                           1, 0, 0, 0, 0, 0, 1, 1]))
+
+  state, metrics, records = step(state, batches, jax.random.key(3))
+  assert int(state["step"]) == 2
+  assert metrics["dynamic/draws"] == 3 and metrics["dynamic/zero_variance_kept"] == 1
+  assert metrics["reward/zero_variance_groups"] == 1
   with pytest.raises(StopIteration):
     next(script)  # exactly the five scripted draws were made
