@@ -6,8 +6,8 @@
 
 Every run starts from the same pretrained tiny base (`configs/jigsaw_2x1.py:tiny`, the
 `tiny_jigsaw` preset: the miniature's 300-step format pretraining, done once and copied into each
-run's workdir), trains only its adapter with the real `sft` / `grpo` tasks (jigsaw_jax/rl/sft.py,
-jigsaw_jax/rl/trainer.py; the miniature's batches: 8 puzzles per step, G=8 for GRPO, beta 0,
+run's workdir), trains only its adapter with the real `sft` / `grpo` tasks (jigsaw_jax/sft/train.py,
+jigsaw_jax/rl/grpo/train.py; the miniature's batches: 8 puzzles per step, G=8 for GRPO, beta 0,
 binary grid reward), and is evaluated greedily on the miniature's fixed test sets (2x1, its 1x2 swap, and 3x1, which is
 never trained on), `--eval-puzzles` puzzles each. Seeds change the adapter's initialisation, the
 sampling key and the training data order; the test sets and the base are the same for all runs.
@@ -80,7 +80,7 @@ def pretrained_base(args):
   """Runs (once) the miniature's pretraining; returns the directory of its checkpoint."""
   import jax
   from jigsaw_jax.models import policy as policy_lib
-  from jigsaw_jax.rl import pretrain as pretrain_lib
+  from jigsaw_jax.sft import pretrain as pretrain_lib
   base_run = os.path.join(args.workdir, "base_run")
   config = make_config("sft", "none", 42, args)
   model_cfg = policy_lib.model_config(config.model)
@@ -121,8 +121,9 @@ def train_curve(workdir: str, task: str, window: int = 10):
 
 def run_one(task: str, kind: str, seed: int, base_dir: str, args):
   import jax
-  from jigsaw_jax.models import adapters, policy as policy_lib
-  from jigsaw_jax.rl import sft, trainer
+  from jigsaw_jax.models import adapters, mllm, policy as policy_lib
+  from jigsaw_jax.sft import train as sft
+  from jigsaw_jax.rl.grpo import train as trainer
   workdir = os.path.join(args.workdir, f"{task}_{kind}_seed{seed}")
   shutil.rmtree(workdir, ignore_errors=True)
   shutil.copytree(base_dir, os.path.join(workdir, "base"))
@@ -133,7 +134,7 @@ def run_one(task: str, kind: str, seed: int, base_dir: str, args):
   else:
     adapted = dataclasses.replace(model_cfg, adapter=policy_lib.adapter_config(config))
     trainable = adapters.count_params(jax.eval_shape(
-        lambda key: adapters.init_adapters(adapted, key), jax.random.key(0)))
+        lambda key: mllm.init_adapters(adapted, key), jax.random.key(0)))
   start = time.time()
   if task == "sft":
     sft.train(config, workdir)

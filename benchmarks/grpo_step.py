@@ -27,7 +27,7 @@ right after the peer's step i (untimed for the peer), so both see the same machi
 step's extra time is the one-off compilation, reported apart. Steps are split into rollout (prompt
 encoding + generation), reward (decode + score + advantages) and update (everything else: the
 reference and policy forwards, backward, optimizer). Our update runs each prompt once for its G
-samples (rl/steps.py `shared_prompt_scores`); `--no-share-prompt` scores every row on its own, as
+samples (rl/scoring.py `shared_prompt_scores`); `--no-share-prompt` scores every row on its own, as
 TRL does. The last line is `speedup_vs_<peer>=<ratio>` of median seconds per step (peer / ours).
 """
 
@@ -150,12 +150,12 @@ def suppressed_ids(directory: str) -> tuple:
 
 
 # ---------------------------------------------------------------------------------------------
-# Ours: the trainer's step (jigsaw_jax/rl/trainer.py, the loop body) on the same pieces.
+# Ours: the trainer's step (jigsaw_jax/rl/grpo/train.py, the loop body) on the same pieces.
 # ---------------------------------------------------------------------------------------------
 
 
 class Ours:
-  """The trainer's step (the loop body of jigsaw_jax/rl/trainer.py) on the same pieces, one call
+  """The trainer's own step (jigsaw_jax/rl/grpo/step.py `GrpoStep`) on the same pieces, one call
   per step, so that it can run interleaved with the peer's steps (same machine load)."""
 
   def __init__(self, directory: str, work: Workload):
@@ -163,62 +163,53 @@ class Ours:
     import jax.numpy as jnp
     from jigsaw_jax.models import hf_io
     from jigsaw_jax.models.processing import Processor
-    from jigsaw_jax.rl import advantages as advantages_lib
-    from jigsaw_jax.rl import losses as losses_lib
-    from jigsaw_jax.rl.steps import PolicySteps, make_optimizer
+    from jigsaw_jax.rl.grpo import losses as losses_lib
+    from jigsaw_jax.rl import rollout_rewards
+    from jigsaw_jax.rl.grpo.step import GrpoConfig, GrpoStep
+    from jigsaw_jax.rl.optim import make_optimizer
+    from jigsaw_jax.rl.policy_steps import PolicySteps
     from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
     from jigsaw_jax.rollout.sampling import SamplingConfig
 
     self.work = work
-    self.params, self.cfg = hf_io.load_hf(directory)
-    self.processor = Processor.from_pretrained(directory)
-    self.sampler = Sampler(self.cfg, RolloutConfig(
+    params, self.cfg = hf_io.load_hf(directory)
+    processor = Processor.from_pretrained(directory)
+    sampler = Sampler(self.cfg, RolloutConfig(
         max_new_tokens=work.new_tokens, group_size=work.group,
         sampling=SamplingConfig(temperature=work.temperature, top_k=work.top_k, top_p=1.0,
                                 suppress_ids=suppressed_ids(directory)),
-        eos_ids=self.processor.special_ids.eos_ids, pad_id=self.processor.pad_token_id))
+        eos_ids=processor.special_ids.eos_ids, pad_id=processor.pad_token_id))
     loss_cfg = losses_lib.LossConfig(name="grpo", beta=work.beta, kl_estimator="k3",
                                      max_completion_length=work.new_tokens)
     optimizer = make_optimizer(work.learning_rate, work.total_steps)
-    self.steps = PolicySteps(self.cfg, loss_cfg, optimizer, work.temperature,
-                             share_prompt=work.share_prompt)
-    self.advantage_fn = advantages_lib.get("grpo")
+    steps = PolicySteps(self.cfg, loss_cfg, optimizer, work.temperature,
+                        share_prompt=work.share_prompt)
     # The update donates the params' buffers, so the KL reference gets its own copy.
-    self.ref_params = jax.tree_util.tree_map(jnp.copy, self.params) if work.beta else None
-    self.opt_state = jax.jit(optimizer.init)(self.params)
+    ref_params = jax.tree_util.tree_map(jnp.copy, params) if work.beta else None
+    self.step_fn = GrpoStep(
+        GrpoConfig(group_size=work.group, prompt_bucket=work.prompt_bucket,
+                   max_new_tokens=work.new_tokens, advantage="grpo", beta=work.beta),
+        steps, sampler, processor, rollout_rewards.score_texts, ref_params=ref_params)
     self.rng = jax.random.key(0)
+    self.state = self.step_fn.init_state(params, self.rng)
     self.times: List[Dict[str, float]] = []
     self.lengths: List[float] = []
     self.last = ""
 
   def step(self, index: int, puzzles) -> None:
     import jax
-    from jigsaw_jax.models.processing import collate
-    from jigsaw_jax.rl import rollout_rewards
-    from jigsaw_jax.rl.sequences import build_sequences
-    work, steps, processor = self.work, self.steps, self.processor
-    t0 = time.perf_counter()
-    prompts = collate([processor.encode_prompt(p.prompt, p.image) for p in puzzles],
-                      processor.pad_token_id, work.prompt_bucket)
-    rollout = jax.block_until_ready(
-        self.sampler.generate(self.params, prompts, jax.random.fold_in(self.rng, index)))
-    tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
-    t1 = time.perf_counter()
-    texts = rollout_rewards.decode_completions(processor, tokens, mask)
-    rewards = rollout_rewards.score_texts(puzzles, texts, work.group)["total"]
-    adv = np.asarray(self.advantage_fn(rewards), np.float32).reshape(-1)
-    t2 = time.perf_counter()
-    seq = build_sequences(self.cfg, prompts, tokens, mask, work.group)
-    ref_logp = steps.score(self.ref_params, seq)[0] if self.ref_params is not None else None
-    grads, loss, _ = steps.grads(self.params, seq, adv, None, ref_logp)
-    self.params, self.opt_state, stats = steps.apply_update(self.params, self.opt_state, grads)
-    jax.block_until_ready((self.params, loss))
-    t3 = time.perf_counter()
-    self.times.append({"rollout": t1 - t0, "reward": t2 - t1, "update": t3 - t2,
-                       "total": t3 - t0})
-    self.lengths.append(float(mask.sum(-1).mean()))
-    self.last = (f"prompt+completion {seq.input_ids.shape[1]} tokens; loss {float(loss):.4f}, "
-                 f"grad norm {float(stats['grad_norm']):.3g}")
+    from jigsaw_jax.metrics import StepTimer
+    group = self.work.group
+    timer = StepTimer()
+    batch = {"puzzle": [p for p in puzzles for _ in range(group)]}  # the pipeline's layout
+    self.state, metrics, records = self.step_fn(
+        self.state, iter([batch]), jax.random.fold_in(self.rng, index), timer)
+    phases = timer.finish_step()
+    self.times.append({"rollout": phases["time/data_s"] + phases["time/rollout_s"],
+                       "reward": phases["time/reward_s"], "update": phases["time/update_s"],
+                       "total": phases["time/step_s"]})
+    self.lengths.append(float(records.groups.mask.sum(-1).mean()))
+    self.last = (f"loss {metrics['loss']:.4f}, grad norm {metrics['grad_norm']:.3g}")
 
   def result(self) -> Result:
     warm = self.work.warmup

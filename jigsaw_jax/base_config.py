@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
       num_iterations=1,  # mu: updates per batch against the sampling policy's log-probs
       micro_batches=1,  # gradient accumulation within one optimizer step
       overlong_buffer=0,  # DAPO's soft overlong punishment window in tokens (0: off)
-      # DAPO's dynamic sampling (rl/dynamic_sampling.py): draw batches until prompts_per_batch
+      # DAPO's dynamic sampling (rl/grpo/dynamic_sampling.py): draw batches until prompts_per_batch
       # groups have rewards that differ, at most max_draws per step (then zero-variance groups
       # fill the batch). Off in the paper's runs.
       dynamic_sampling=False, max_draws=4,
@@ -139,7 +139,7 @@ def apply_miniature(c: ml_collections.ConfigDict) -> None:
   """The CPU miniature of the paper's finding: a base at chance becomes near-perfect by RL.
 
   Learning rates and KL are much larger than the paper's because the policy is tiny and starts
-  from a short pretraining stage instead of a 3B instruct model (see jigsaw_jax/rl/pretrain.py).
+  from a short pretraining stage instead of a 3B instruct model (see jigsaw_jax/sft/pretrain.py).
   """
   c.total_steps = 1200
   c.model.preset = "tiny_jigsaw"  # no patch merging: the 2x1 seam falls inside a patch
@@ -179,7 +179,7 @@ def apply_miniature(c: ml_collections.ConfigDict) -> None:
   c.eval.sizes = ("2x1", "1x2", "3x1")
   c.eval.every_steps = 400
   # The base: answer format plus the splice pretext, which teaches the vision tower to see a seam
-  # between two photos (rl/pretrain.py). With splices on half of the 32 rows (198 pixels) the
+  # between two photos (sft/pretrain.py). With splices on half of the 32 rows (198 pixels) the
   # loss stayed flat for 650 steps and held-out splice accuracy was 72% after 800; on three
   # quarters it falls from step ~300, is flat again from ~500, and splice accuracy was 98% after
   # 800 (64 held-out examples); the format needs few rows. The rotation pretext stayed at chance

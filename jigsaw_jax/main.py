@@ -22,8 +22,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and 
 # task's heavy dependencies load only when that task runs.
 TASKS = {
     "preview": "jigsaw_jax.puzzles.preview:run_from_config",
-    "grpo": "jigsaw_jax.rl.trainer:train_and_evaluate",
-    "sft": "jigsaw_jax.rl.sft:train",
+    "grpo": "jigsaw_jax.rl.grpo.train:train_and_evaluate",
+    "sft": "jigsaw_jax.sft.train:train",
     "eval": "jigsaw_jax.evaluate:run",
     "proxy": "jigsaw_jax.rl.proxy_trainer:train",
 }

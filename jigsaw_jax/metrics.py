@@ -181,3 +181,14 @@ class StepTimer:
     self._reset()
     self._start = end
     return out
+
+
+class NullTimer:
+  """A StepTimer stand-in that times nothing (steps called outside a training loop)."""
+
+  def phase(self, name: str):
+    del name
+    return contextlib.nullcontext()
+
+
+NO_TIMER = NullTimer()

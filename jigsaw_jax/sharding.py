@@ -1,4 +1,4 @@
-"""Device meshes, logical-axis rules and sharded state creation.
+"""Device meshes, logical-axis rules, and where params, optimizer state and batches live.
 
 Every parameter and activation in `jigsaw_jax.models` carries *logical* axis names ("embed", "mlp",
 "activation_batch", ...). This module turns those names into placements on a device mesh with three
@@ -19,11 +19,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
 import numpy as np
+import optax
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -242,55 +243,72 @@ def logical_to_sharding(abstract_tree: Any, mesh: Mesh, rules: Sequence[Sequence
   return jax.tree_util.tree_map_with_path(fit, shardings, shapes)
 
 
-def create_sharded_state(init_fn: Callable[[jax.Array], Any], rng: jax.Array, mesh: Mesh,
-                         rules: Sequence[Sequence[Any]]) -> tuple[Any, Any]:
-  """Runs `init_fn(rng)` with every output created directly in its shard.
-
-  `init_fn` returns params (or a train state holding params and optimizer state) boxed with
-  logical names, as `model.init` does with `nn.with_logical_partitioning`; optax moments built
-  from boxed params inherit the boxes, hence the same sharding. Returns (unboxed state,
-  shardings), the shardings being what the step functions pass as in/out shardings.
-  """
-  abstract = jax.eval_shape(init_fn, rng)
-  shardings = logical_to_sharding(abstract, mesh, rules)
-  init = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), out_shardings=shardings)
-  with mesh_context(mesh, rules):
-    state = init(rng)
-  return state, shardings
-
-
 # ---------------------------------------------------------------------------------------------
-# Input data.
+# Where train state and batches live.
 # ---------------------------------------------------------------------------------------------
 
 
-def batch_sharding(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES) -> NamedSharding:
-  """Leading axis split over the data-like mesh axes, everything else replicated."""
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
-  return NamedSharding(mesh, PartitionSpec(axes))
+def optimizer_state_shardings(optimizer: optax.GradientTransformation, abstract_params: Any,
+                              param_shardings: Any, mesh: Mesh) -> Any:
+  """Shardings of `optimizer.init(params)`, from shapes only.
 
-
-def host_local_to_global(batch: Any, mesh: Mesh,
-                         sharding: Optional[NamedSharding] = None) -> Any:
-  """Assembles each process's slice of the batch into global arrays.
-
-  Each process feeds the rows its own grain shard produced (whole GRPO groups); the global
-  leading dimension is the sum over processes. Numeric numpy/JAX leaves become global
-  `jax.Array`s split as `batch_sharding(mesh)`; 0-d leaves are replicated; anything else
-  (prompt strings, solutions for the reward) stays on the host unchanged.
+  A state leaf whose tree path ends with a parameter's path and has that parameter's shape
+  (Adam's mu and nu, any per-parameter statistic) is placed like the parameter; everything else
+  (step counts, schedule state) is replicated. Works for any optax chain, masked or not.
+  `abstract_params` is the unboxed tree of shapes (jax.ShapeDtypeStruct or arrays).
   """
-  sharding = batch_sharding(mesh) if sharding is None else sharding
+  by_path = {}
+  leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  for (path, leaf), sharding in zip(leaves, jax.tree_util.tree_leaves(param_shardings)):
+    by_path[tuple(path)] = (tuple(leaf.shape), sharding)
   replicated = NamedSharding(mesh, PartitionSpec())
 
-  def to_global(x: Any) -> Any:
-    if not isinstance(x, (np.ndarray, np.generic, jax.Array)):
-      return x
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-      return x
-    return jax.make_array_from_process_local_data(replicated if x.ndim == 0 else sharding,
-                                                  np.asarray(x))
+  def place(path, leaf):
+    path, shape = tuple(path), tuple(getattr(leaf, "shape", ()))
+    for start in range(len(path)):
+      hit = by_path.get(path[start:])
+      if hit is not None and hit[0] == shape:
+        return hit[1]
+    return replicated
 
-  return jax.tree.map(to_global, batch)
+  abstract_state = jax.eval_shape(optimizer.init, abstract_params)
+  return jax.tree_util.tree_map_with_path(place, abstract_state)
+
+
+def batch_axes(mesh: Mesh) -> tuple[str, ...]:
+  return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+  """How many ways the rows of a batch are split: the product of the data-like mesh axes."""
+  return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
+
+
+def rows_sharding(mesh: Mesh, ndim: int, row_axis: int = 0) -> NamedSharding:
+  """Rows (axis `row_axis`) over the data-like mesh axes, all other axes replicated."""
+  spec = [None] * ndim
+  spec[row_axis] = batch_axes(mesh)
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def pixel_sharding(mesh: Mesh, num_patches: int) -> NamedSharding:
+  """Patches of all rows' images, in row order: split like the rows when the split falls on
+  image boundaries of equal-sized images (the pipeline's fixed `resize_to`); else replicated."""
+  if num_patches % batch_parallelism(mesh):
+    return NamedSharding(mesh, PartitionSpec())
+  return rows_sharding(mesh, 2)
+
+
+def place(x: Any, sharding: NamedSharding) -> Any:
+  """`x` placed as `sharding`: a jax.Array is resharded if it lives elsewhere; host data is this
+  process's part (all of it in a single-process run)."""
+  if x is None:
+    return None
+  if isinstance(x, jax.Array):
+    if x.sharding.is_equivalent_to(sharding, x.ndim):
+      return x
+    return jax.device_put(x, sharding)
+  return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -60,8 +60,9 @@ _MESH_SCRIPT = textwrap.dedent("""
     scale_check._configure_jax(None)
     import jax
     from jigsaw_jax import sharding as shd
-    from jigsaw_jax.rl import losses
-    from jigsaw_jax.rl.steps import PolicySteps, make_optimizer
+    from jigsaw_jax.rl.grpo import losses
+    from jigsaw_jax.rl.optim import make_optimizer
+    from jigsaw_jax.rl.policy_steps import PolicySteps
 
     assert jax.device_count() == 8, jax.devices()
     reference = scale_check.train_two_steps(None)
@@ -233,15 +234,15 @@ def test_optimizer_state_follows_params():
   import jax
   from jax.sharding import PartitionSpec
   from jigsaw_jax import sharding as shd
-  from jigsaw_jax.rl import steps as steps_lib
+  from jigsaw_jax.rl.optim import make_optimizer
 
   params = {"a": {"kernel": jax.ShapeDtypeStruct((4, 8), np.float32)},
             "b": jax.ShapeDtypeStruct((8,), np.float32)}
   shardings = {"a": {"kernel": "sharding-of-a"}, "b": "sharding-of-b"}
   mesh = shd.make_mesh((1, 1, 1), devices=jax.devices()[:1])
-  for tx in [steps_lib.make_optimizer(1e-3, 10),
-             steps_lib.make_optimizer(1e-3, 10, mask={"a": {"kernel": True}, "b": False})]:
-    placed = steps_lib.optimizer_state_shardings(tx, params, shardings, mesh)
+  for tx in [make_optimizer(1e-3, 10),
+             make_optimizer(1e-3, 10, mask={"a": {"kernel": True}, "b": False})]:
+    placed = shd.optimizer_state_shardings(tx, params, shardings, mesh)
     leaves = jax.tree.leaves(placed)
     assert leaves.count("sharding-of-a") == 2  # mu and nu
     assert leaves.count("sharding-of-b") in (0, 2)  # masked out, or its mu and nu

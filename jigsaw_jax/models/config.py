@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Tuple
 
-from jigsaw_jax.models.adapters import AdapterConfig
+from jigsaw_jax.models.adapters.config import AdapterConfig
 
 
 @dataclasses.dataclass(frozen=True)

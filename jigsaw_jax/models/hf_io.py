@@ -32,7 +32,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jigsaw_jax.models import mllm
+from jigsaw_jax.models import mllm, vision_hf
 from jigsaw_jax.models.config import ModelConfig, TextConfig
 
 PathLike = os.PathLike | str
@@ -94,12 +94,11 @@ def decoder_weight_specs(t: TextConfig, prefix: Path = ("decoder",)) -> List[Wei
 
 
 def weight_specs(cfg: ModelConfig) -> List[WeightSpec]:
-  """Every tensor of the model: decoder entries here, vision entries from vision.hf_weight_map."""
+  """Every tensor of the model: decoder entries here, vision entries from vision_hf.hf_weight_map."""
   specs = decoder_weight_specs(cfg.text)
   if cfg.vision is not None:
-    from jigsaw_jax.models import vision
-    shapes = vision.hf_shapes(cfg.vision)
-    for name, path, kind in vision.hf_weight_map(cfg.vision):
+    shapes = vision_hf.hf_shapes(cfg.vision)
+    for name, path, kind in vision_hf.hf_weight_map(cfg.vision):
       kind = "copy" if kind == "copy" else "linear"  # conv3d_as_linear is a linear + reshape.
       specs.append(WeightSpec("visual." + name, ("visual",) + tuple(path), kind,
                               tuple(shapes[name])))
@@ -149,7 +148,6 @@ def _hf_config_object(config: Mapping[str, Any]):
 def model_config_from_hf(config: Mapping[str, Any], **overrides) -> ModelConfig:
   """Our ModelConfig from a checkpoint's config.json (as a dict). `overrides` set ModelConfig
   fields such as dtype, param_dtype, remat or attention_impl."""
-  from jigsaw_jax.models import vision
   hf = _hf_config_object(config)
   tc = hf.text_config
   rope = dict(tc.rope_parameters or {})
@@ -170,7 +168,7 @@ def model_config_from_hf(config: Mapping[str, Any], **overrides) -> ModelConfig:
       tie_word_embeddings=bool(hf.tie_word_embeddings), hidden_act=tc.hidden_act,
       initializer_range=float(getattr(tc, "initializer_range", 0.02)))
   cfg = ModelConfig(
-      text=text, vision=vision.vision_config_from_hf(hf.vision_config),
+      text=text, vision=vision_hf.vision_config_from_hf(hf.vision_config),
       image_token_id=hf.image_token_id, video_token_id=hf.video_token_id,
       vision_start_token_id=hf.vision_start_token_id, vision_end_token_id=hf.vision_end_token_id)
   return dataclasses.replace(cfg, **overrides)
@@ -179,7 +177,6 @@ def model_config_from_hf(config: Mapping[str, Any], **overrides) -> ModelConfig:
 def hf_config_from_model_config(cfg: ModelConfig, torch_dtype: str = "float32"):
   """A transformers config object (Qwen2_5_VLConfig / Qwen2VLConfig) describing `cfg`."""
   import transformers
-  from jigsaw_jax.models import vision
   if cfg.vision is None:
     raise ValueError("export needs a vision tower: cfg.vision is None.")
   t = cfg.text
@@ -201,7 +198,7 @@ def hf_config_from_model_config(cfg: ModelConfig, torch_dtype: str = "float32"):
       initializer_range=t.initializer_range)
   config_cls = transformers.CONFIG_MAPPING[model_type]
   hf = config_cls(
-      text_config=text_config, vision_config=vision.vision_config_to_hf(cfg.vision),
+      text_config=text_config, vision_config=vision_hf.vision_config_to_hf(cfg.vision),
       image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
       vision_start_token_id=cfg.vision_start_token_id,
       vision_end_token_id=cfg.vision_end_token_id, tie_word_embeddings=t.tie_word_embeddings)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jigsaw_jax.models import adapters as adapters_lib
 from jigsaw_jax.models import decoder as decoder_lib
 from jigsaw_jax.models.config import ModelConfig
 
@@ -205,6 +206,22 @@ def init_params(cfg: ModelConfig, rng: Array) -> dict:
   init = jax.jit(lambda r: apply_initializer_range(
       cfg, nn.unbox(model.init(r, **inputs, image_grid_thw=grid))))
   return init(rng)
+
+
+def init_adapters(cfg: ModelConfig, rng: Array) -> dict:
+  """Fresh adapter variables {'adapter': ...} of an adapted ModelConfig (zero-effect at init).
+
+  Runs the model's init under jit returning only the adapter collection, so the base weights it
+  would create are never materialised (XLA drops them).
+  """
+  if cfg.adapter is None:
+    raise ValueError("init_adapters needs a ModelConfig with an adapter (cfg.adapter is None).")
+  model = VisionLanguageModel(cfg)
+  inputs = dummy_inputs(cfg)
+  grid = inputs.pop("image_grid_thw", None)
+  init = lambda r: {adapters_lib.COLLECTION: nn.unbox(model.init(
+      r, **inputs, image_grid_thw=grid))[adapters_lib.COLLECTION]}
+  return jax.jit(init)(rng)
 
 
 def abstract_params(cfg: ModelConfig) -> dict:

@@ -82,7 +82,7 @@ def attach_adapter(config: Any, model_cfg: ModelConfig, params: Any, rng: jax.Ar
   if adapter is None:
     return model_cfg, params, {}
   cfg = dataclasses.replace(model_cfg, adapter=adapter)
-  trainable = adapters.init_adapters(cfg, jax.random.fold_in(rng, 1))
+  trainable = mllm.init_adapters(cfg, jax.random.fold_in(rng, 1))
   logging.info("Adapter %s: %d trainable parameters (base: %d, frozen).", adapter.kind,
                adapters.count_params(trainable), adapters.count_params(params))
   return cfg, trainable, dict(params)

@@ -3,8 +3,8 @@ GRPO's loss settings (GRPO, SFT's rejection sampling, Proxy-RLHF and evaluation 
 
 from __future__ import annotations
 
-from jigsaw_jax.rl import losses as losses_lib
-from jigsaw_jax.rl.steps import make_optimizer
+from jigsaw_jax.rl.grpo import losses as losses_lib
+from jigsaw_jax.rl.optim import make_optimizer
 from jigsaw_jax.rollout.sampler import RolloutConfig
 from jigsaw_jax.rollout.sampling import SamplingConfig
 

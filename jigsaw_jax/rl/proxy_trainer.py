@@ -2,7 +2,7 @@
 
 The policy is frozen; only the proxy's parameters (about 1% of the policy's) are trained, by
 policy gradient on its accept/reject decisions with GRPO's group-relative advantages over the G
-episodes of a puzzle. Same sections as the GRPO trainer (rl/trainer.py), same data, mesh, Orbax
+episodes of a puzzle. Same sections as the GRPO trainer (rl/grpo/train.py), same data, mesh, Orbax
 checkpoints (of the proxy only) and clu metrics. Each step:
 
     grain batch (B puzzles x G copies) -> episodes (policy proposes, proxy accepts / rejects,
@@ -17,17 +17,14 @@ summary with the trainable-parameter ratio goes to `<workdir>/proxy_summary.json
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 
 from jigsaw_jax import checkpoint as checkpoint_lib
 from jigsaw_jax import data as data_lib
@@ -35,13 +32,14 @@ from jigsaw_jax import evaluate as evaluate_lib
 from jigsaw_jax import metrics as metrics_lib
 from jigsaw_jax import sharding as sharding_lib
 from jigsaw_jax.models import policy as policy_lib
-from jigsaw_jax.rl import advantages as advantages_lib
-from jigsaw_jax.rl import pretrain as pretrain_lib
-from jigsaw_jax.rl import proxy as proxy_lib
-from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl import components
-from jigsaw_jax.rl import trainer as grpo_trainer
-from jigsaw_jax.rl.steps import make_optimizer
+from jigsaw_jax.rl import loop as loop_lib
+from jigsaw_jax.sft import pretrain as pretrain_lib
+from jigsaw_jax.rl import proxy as proxy_lib
+from jigsaw_jax.rl import proxy_step as proxy_step_lib
+from jigsaw_jax.rl import rollout_rewards
+from jigsaw_jax.rl.grpo import train as grpo_trainer
+from jigsaw_jax.rl.grpo import step as grpo_step_lib
 
 
 def proxy_config(config) -> proxy_lib.ProxyConfig:
@@ -70,27 +68,6 @@ class _PolicyWithProxy:
     return self.sampler.generate(policy, proxy, batch, rng, deterministic=self.deterministic)
 
 
-def _update(optimizer, params, opt_state, grads):
-  """One optax update, refused (state kept) when the gradient is not finite."""
-  grad_norm = optax.global_norm(grads)
-  finite = jnp.isfinite(grad_norm)
-  updates, new_opt_state = optimizer.update(grads, opt_state, params)
-  new_params = optax.apply_updates(params, updates)
-  keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
-  return (keep(new_params, params), keep(new_opt_state, opt_state),
-          {"grad_norm": grad_norm, "finite": finite.astype(jnp.float32)})
-
-
-def _rows(rollout: proxy_lib.ProxyRollout, parts: int):
-  rows = rollout.tokens.shape[0]
-  if rows % parts:
-    raise ValueError(f"{rows} episodes do not split into {parts} micro-batches; make "
-                     "prompts_per_batch * group_size a multiple of config.rl.micro_batches.")
-  size = rows // parts
-  return [jax.tree_util.tree_map(lambda x: x[i * size:(i + 1) * size], rollout)
-          for i in range(parts)]
-
-
 def calibrate(config, proxy_params, sampler: proxy_lib.ProxySampler, policy, processor):
   """The proxy's state statistics, from `proxy.calibration_batches` rollouts of the untrained
   proxy on puzzles of their own stream (so training sees the same batches as a GRPO run)."""
@@ -115,8 +92,9 @@ def calibrate(config, proxy_params, sampler: proxy_lib.ProxySampler, policy, pro
                                            proxy_lib.embedding_table(policy))
 
 
-def train(config, workdir: str) -> Dict[str, Any]:
-  """Trains the proxy as `config` says; returns the final metrics, evaluations and sizes."""
+def train(config, workdir: str, rewards: Optional[grpo_step_lib.RewardFn] = None) -> Dict[str, Any]:
+  """Trains the proxy as `config` says; returns the final metrics, evaluations and sizes.
+  `rewards` replaces the rule-based rewards (tests script them)."""
   # ----------------------------------------------------------------------------------------
   # Set-up.
   # ----------------------------------------------------------------------------------------
@@ -126,10 +104,7 @@ def train(config, workdir: str) -> Dict[str, Any]:
   rng = jax.random.key(config.seed)
   writer = metrics_lib.create_writer(workdir)
   metrics_lib.write_config(writer, config)
-  group = int(config.data.pipeline.group_size)
-  if group < 2:
-    raise ValueError("Proxy-RLHF's group-relative advantages need "
-                     "config.data.pipeline.group_size >= 2 episodes per puzzle.")
+  group = proxy_step_lib.ProxyStepConfig.from_config(config).group_size  # checks the settings
   pcfg = proxy_config(config)
 
   # ----------------------------------------------------------------------------------------
@@ -159,10 +134,6 @@ def train(config, workdir: str) -> Dict[str, Any]:
   if sizes["param_ratio"] > 0.05:
     logging.warning("The proxy has %.1f%% of the policy's parameters (Proxy-RLHF aims at ~1%%); "
                     "lower config.proxy.hidden_dim.", 100 * sizes["param_ratio"])
-  o = config.optim
-  optimizer = make_optimizer(o.learning_rate, config.total_steps, o.warmup_steps, o.weight_decay,
-                             o.grad_clip, o.b1, o.b2, o.eps, o.end_learning_rate)
-  opt_state = jax.jit(optimizer.init)(proxy_params)
 
   # ----------------------------------------------------------------------------------------
   # Data.
@@ -177,21 +148,16 @@ def train(config, workdir: str) -> Dict[str, Any]:
   # ----------------------------------------------------------------------------------------
   sampler = proxy_lib.ProxySampler(
       model_cfg, components.rollout_config(config, model_cfg, processor, group), pcfg, network)
-  advantage_fn = advantages_lib.get(config.rl.advantage)
-  lcfg = loss_config(config)
-
-  def loss_fn(params, embedding, rollout, adv):
-    return proxy_lib.proxy_loss(network, params, embedding, rollout, adv, lcfg)
-
-  grad_step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
-  update_step = jax.jit(functools.partial(_update, optimizer), donate_argnums=(0, 1))
-  embedding = proxy_lib.embedding_table(policy)
+  proxy_step = proxy_step_lib.ProxyStep(
+      proxy_step_lib.ProxyStepConfig.from_config(config), sampler, network, loss_config(config),
+      components.optimizer_for(config), policy, processor,
+      grpo_step_lib.rule_rewards(config) if rewards is None else rewards, pcfg.max_rejections)
 
   # ----------------------------------------------------------------------------------------
   # Restore (proxy, optimizer, step, PRNG key and the data position).
   # ----------------------------------------------------------------------------------------
   ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config.checkpoint)
-  state = {"proxy": proxy_params, "opt_state": opt_state, "step": jnp.int32(0), "rng": rng}
+  state = proxy_step.init_state(proxy_params, rng)
   restored = ckpt.restore(state)
   if restored is not None:
     state = restored.state
@@ -217,7 +183,7 @@ def train(config, workdir: str) -> Dict[str, Any]:
     with_proxy = _PolicyWithProxy(proxy_lib.ProxySampler(model_cfg, eval_rollout, pcfg, network),
                                   bool(config.proxy.eval_deterministic))
 
-  def run_eval(step: int, base: bool = False):
+  def run_eval(step: int, state, base: bool = False):
     evaluator.sampler = base_generate if base else with_proxy
     params = policy if base else (policy, state["proxy"])
     records, samples = evaluator(params, step)
@@ -239,88 +205,16 @@ def train(config, workdir: str) -> Dict[str, Any]:
   # ----------------------------------------------------------------------------------------
   start_step = int(state["step"])
   total_steps = int(config.total_steps)
-  report_progress = metrics_lib.create_report_progress(writer, total_steps)
-  timer = metrics_lib.StepTimer(report_progress)
   metrics_lib.write_scalars(writer, start_step, {f"proxy/{k}": v for k, v in sizes.items()})
   if evaluator is not None and config.eval.at_start and start_step == 0:
-    run_eval(0, base=True)
-    run_eval(0)
-  last_metrics: Dict[str, Any] = {}
-  bucket = int(config.rollout.prompt_bucket)
-  cost = float(config.proxy.rejection_cost)
-  micro_batches = int(config.rl.micro_batches)
+    run_eval(0, state, base=True)
+    run_eval(0, state)
   train_started = time.time()
-  for step in range(start_step + 1, total_steps + 1):
-    with timer.phase("data"):
-      batch = next(data_iter)
-      prompts, puzzles = rollout_rewards.unique_prompts(batch, group, processor, bucket)
-
-    with timer.phase("rollout"):
-      step_rng = jax.random.fold_in(state["rng"], step)
-      rollout = jax.block_until_ready(sampler.generate(policy, state["proxy"], prompts, step_rng))
-      tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
-
-    with timer.phase("reward"):
-      texts = rollout_rewards.decode_completions(processor, tokens, mask)
-      scores = rollout_rewards.score_texts(puzzles, texts, group,
-                                           **rollout_rewards.reward_options(config))
-      rejections = np.asarray(rollout.rejections).sum(-1).reshape(scores["total"].shape)
-      rewards = scores["total"] - cost * rejections
-      if config.proxy.credit == "prefix":
-        adv = jnp.asarray(proxy_lib.prefix_advantages(rewards, tokens, mask))
-      else:
-        adv = jnp.asarray(np.asarray(advantage_fn(rewards), np.float32).reshape(-1))
-
-    with timer.phase("update"):
-      micro = _rows(rollout, micro_batches)
-      adv_micro = jnp.split(adv, micro_batches)
-      for _ in range(int(config.rl.num_iterations)):
-        results = [grad_step(state["proxy"], embedding, m, a) for m, a in zip(micro, adv_micro)]
-        grads = jax.tree_util.tree_map(lambda *g: sum(g) / len(g), *[g for _, g in results])
-        proxy_params, opt_state, update_stats = update_step(state["proxy"], state["opt_state"],
-                                                            grads)
-        state = dict(state, proxy=proxy_params, opt_state=opt_state)
-      loss = float(np.mean([float(l) for (l, _), _ in results]))
-      loss_metrics = jax.tree_util.tree_map(lambda *x: float(np.mean(x)),
-                                            *[m for (_, m), _ in results])
-      jax.block_until_ready(state["proxy"])
-    state["step"] = jnp.int32(step)
-    lengths = mask.sum(-1)
-    timer.add_tokens(int(lengths.sum()))
-
-    finite = float(update_stats["finite"]) == 1.0
-    if not finite:
-      logging.warning("step %d: non-finite gradient; the update was skipped.", step)
-    active = mask.sum()
-    last_metrics = {
-        "reward/total": rewards.mean(), "reward/accuracy": scores["accuracy"].mean(),
-        "reward/format": scores["format"].mean(), "reward/correct": scores["correct"].mean(),
-        "reward/zero_variance_groups": float(
-            np.mean(advantages_lib.zero_variance_groups(rewards))),
-        "proxy/rejections_per_episode": rejections.mean(),
-        "proxy/capped_positions": float(
-            (np.asarray(rollout.rejections) >= pcfg.max_rejections).sum() / max(active, 1)),
-        "completion/length_tokens": lengths.mean(), "loss": loss, **loss_metrics,
-        "grad_norm": float(update_stats["grad_norm"]), "skipped_update": 0.0 if finite else 1.0,
-        **timer.finish_step()}
-    if step % int(config.metrics.log_every) == 0 or step == total_steps:
-      metrics_lib.write_scalars(writer, step, last_metrics)
-    if config.metrics.samples_every and step % int(config.metrics.samples_every) == 0:
-      metrics_lib.write_samples(writer, step, [p.prompt for p in puzzles for _ in range(group)],
-                                texts, {k: v.reshape(-1) for k, v in scores.items()})
-    report_progress(step)
-    if finite:
-      ckpt.save(step, state, data_state=data_iter.get_state(),
-                metadata={"step": step, "reward": float(rewards.mean())},
-                force=step == total_steps)
-    if evaluator is not None and config.eval.every_steps and step % config.eval.every_steps == 0 \
-        and step != total_steps:
-      run_eval(step)
-
+  state, last_metrics = loop_lib.run_steps(config, proxy_step, state, data_iter, ckpt, writer,
+                                           run_eval if evaluator is not None else None)
   train_seconds = time.time() - train_started
-  ckpt.wait_until_finished()
   if evaluator is not None and config.eval.at_end and total_steps > start_step:
-    run_eval(total_steps)
+    run_eval(total_steps, state)
   ckpt.close()
   writer.flush()
   summary = dict(sizes, steps=total_steps, train_seconds=train_seconds,

@@ -4,7 +4,7 @@ The policy is scored on prompt + completion: token ids [R, L + T] (prompts left-
 completions right-padded to T), the attention mask, M-RoPE position ids recomputed over the whole
 sequence exactly as the reference does, and every row's images (a prompt's images repeated for
 its G samples). `group` records that rows come in groups of G sharing one prompt, so scoring may
-run each prompt once (rl/steps.py `shared_prompt_scores`); 1 promises nothing.
+run each prompt once (rl/scoring.py `shared_prompt_scores`); 1 promises nothing.
 """
 
 from __future__ import annotations

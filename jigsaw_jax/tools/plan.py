@@ -96,10 +96,10 @@ def _rows_first(tree: Any, mesh) -> Any:
   """Shardings for outputs whose leading axis is rows (scalars replicated)."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec
-  from jigsaw_jax.rl import steps as steps_lib
+  from jigsaw_jax import sharding as sharding_lib
   return jax.tree.map(
       lambda x: (NamedSharding(mesh, PartitionSpec()) if not x.shape else
-                 steps_lib.rows_sharding(mesh, len(x.shape))), tree)
+                 sharding_lib.rows_sharding(mesh, len(x.shape))), tree)
 
 
 def _temp(compiled) -> int:
@@ -116,8 +116,9 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec
   from jigsaw_jax.models import mllm, presets
-  from jigsaw_jax.rl import losses
-  from jigsaw_jax.rl import steps as steps_lib
+  from jigsaw_jax.rl.grpo import losses
+  from jigsaw_jax.rl import optim as optim_lib
+  from jigsaw_jax.rl.policy_steps import PolicySteps
   from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
   from jigsaw_jax.rollout.sampling import SamplingConfig
 
@@ -132,14 +133,14 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
         cfg.vision, depth=vision_depth, fullatt_block_indexes=tuple(
             i for i in cfg.vision.fullatt_block_indexes if i < vision_depth)))
   o, rl = config.optim, config.rl
-  optimizer = steps_lib.make_optimizer(o.learning_rate, config.total_steps, o.warmup_steps,
+  optimizer = optim_lib.make_optimizer(o.learning_rate, config.total_steps, o.warmup_steps,
                                        o.weight_decay, o.grad_clip, o.b1, o.b2, o.eps,
                                        o.end_learning_rate)
   loss_cfg = losses.LossConfig(name=rl.loss, epsilon_low=rl.epsilon_low,
                                epsilon_high=rl.epsilon_high, beta=rl.beta,
                                kl_estimator=rl.kl_estimator,
                                max_completion_length=config.rollout.max_new_tokens)
-  policy = steps_lib.PolicySteps(cfg, loss_cfg, optimizer, config.rollout.temperature,
+  policy = PolicySteps(cfg, loss_cfg, optimizer, config.rollout.temperature,
                                  mesh=mesh, rules=config.mesh.rules)
   rep = NamedSharding(mesh, PartitionSpec())
 
@@ -156,7 +157,7 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
   new_tokens = int(config.rollout.max_new_tokens)
   prompt_len = image_tokens + text_tokens + 2  # + <|vision_start|>, <|vision_end|>
   length = prompt_len + new_tokens
-  parts = steps_lib.batch_parallelism(mesh)
+  parts = sharding_lib.batch_parallelism(mesh)
   for what, n in (("rows of a micro-batch", rows), ("prompts of a rollout", prompts)):
     if n % parts:
       raise ValueError(f"{n} {what} do not split over the {parts} data-parallel devices of mesh "
@@ -165,12 +166,12 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
   params = _abstract(nn.meta.unbox(mllm.abstract_params(cfg)), policy.param_shardings)
   opt_state = _abstract(jax.eval_shape(optimizer.init, params), policy.opt_state_shardings)
   row = lambda shape, dtype, axis=0: jax.ShapeDtypeStruct(
-      shape, dtype, sharding=steps_lib.rows_sharding(mesh, len(shape), axis))
+      shape, dtype, sharding=sharding_lib.rows_sharding(mesh, len(shape), axis))
 
   def pixels(images: int):
     n = images * side * side
     return jax.ShapeDtypeStruct((n, patch_dim), jnp.float32,
-                                sharding=steps_lib.pixel_sharding(mesh, n))
+                                sharding=sharding_lib.pixel_sharding(mesh, n))
 
   out: Dict[str, Any] = dict(
       preset=preset if num_layers is None and vision_depth is None else

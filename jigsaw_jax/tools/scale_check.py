@@ -106,9 +106,10 @@ def train_two_steps(mesh=None, steps: int = 2, rows_of_process: Optional[tuple] 
   import numpy as np
   from jax.experimental import multihost_utils
   from jigsaw_jax.models import mllm
-  from jigsaw_jax.rl import losses
+  from jigsaw_jax.rl.grpo import losses
   from jigsaw_jax.rl.sequences import split_rows
-  from jigsaw_jax.rl.steps import PolicySteps, make_optimizer
+  from jigsaw_jax.rl.optim import make_optimizer
+  from jigsaw_jax.rl.policy_steps import PolicySteps
 
   cfg = check_model_config()
   seq, advantages = synthetic_batch(cfg)

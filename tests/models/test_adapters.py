@@ -227,7 +227,7 @@ def test_remat_and_kv_cache_with_adapters(base):
 def test_vision_language_model_with_adapter():
   cfg = dataclasses.replace(presets.get_preset("tiny"),
                             adapter=adapters.AdapterConfig(kind="moe_lora"))
-  trainable = adapters.init_adapters(cfg, jax.random.key(0))
+  trainable = mllm.init_adapters(cfg, jax.random.key(0))
   assert set(trainable) == {"adapter"}
   assert set(trainable["adapter"]) == {"decoder"}  # the vision tower stays frozen
   assert "adapter" in mllm.abstract_params(cfg)
@@ -250,7 +250,7 @@ def test_merged_lora_exports_through_save_hf(tmp_path):
   base_cfg = presets.get_preset("tiny")
   cfg = dataclasses.replace(base_cfg, adapter=adapters.AdapterConfig(kind="lora", rank=2))
   base = mllm.init_params(base_cfg, jax.random.key(0))
-  trainable = jax.tree.map(lambda x: x + 0.1, adapters.init_adapters(cfg, jax.random.key(1)))
+  trainable = jax.tree.map(lambda x: x + 0.1, mllm.init_adapters(cfg, jax.random.key(1)))
   merged = adapters.merge_adapters(adapters.join(trainable, base), cfg)
   hf_io.save_hf(merged, base_cfg, tmp_path / "export")
   loaded, _ = hf_io.load_hf(tmp_path / "export", base_cfg)

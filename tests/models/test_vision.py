@@ -16,7 +16,7 @@ from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionCon
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 from transformers import vision_utils
 
-from jigsaw_jax.models import vision
+from jigsaw_jax.models import vision, vision_hf
 from jigsaw_jax.models import vision_rope
 from jigsaw_jax.models.config import VisionConfig
 
@@ -50,7 +50,7 @@ CASES = [
 
 
 def _hf_model(cfg: VisionConfig, seed: int = 0):
-  kwargs = vision.vision_config_to_hf(cfg)
+  kwargs = vision_hf.vision_config_to_hf(cfg)
   kwargs.pop("model_type")
   cls = Qwen2_5_VLVisionConfig if cfg.kind == "qwen2_5_vl" else Qwen2VLVisionConfig
   model_cls = (Qwen2_5_VisionTransformerPretrainedModel if cfg.kind == "qwen2_5_vl"
@@ -91,7 +91,7 @@ def test_matches_transformers(name, cfg, grid):
   with torch.no_grad():
     want = hf(torch.from_numpy(pixels), grid_thw=torch.tensor(grid)).pooler_output.numpy()
 
-  params = vision.params_from_hf_state_dict(_state_dict(hf), cfg)
+  params = vision_hf.params_from_hf_state_dict(_state_dict(hf), cfg)
   model = vision.VisionTower(cfg)
   got = jax.jit(functools.partial(model.apply, grid_thw=grid))({"params": params}, pixels)
 
@@ -133,11 +133,11 @@ def test_segment_table_round_trips():
 @pytest.mark.parametrize("cfg", [_tiny(), _tiny("qwen2_vl")], ids=["qwen2_5_vl", "qwen2_vl"])
 def test_weight_map_covers_every_hf_key_once(cfg):
   hf_keys = set(_hf_model(cfg).state_dict())
-  names = [name for name, _, _ in vision.hf_weight_map(cfg)]
-  paths = [path for _, path, _ in vision.hf_weight_map(cfg)]
+  names = [name for name, _, _ in vision_hf.hf_weight_map(cfg)]
+  paths = [path for _, path, _ in vision_hf.hf_weight_map(cfg)]
   assert len(names) == len(set(names)) and len(paths) == len(set(paths))
   assert set(names) == hf_keys
-  assert {k: tuple(v.shape) for k, v in _hf_model(cfg).state_dict().items()} == vision.hf_shapes(cfg)
+  assert {k: tuple(v.shape) for k, v in _hf_model(cfg).state_dict().items()} == vision_hf.hf_shapes(cfg)
   # ... and every leaf of our param tree.
   model = vision.VisionTower(cfg)
   grid = ((1, 4, 4),)
@@ -152,8 +152,8 @@ def test_weight_map_covers_every_hf_key_once(cfg):
 def test_weights_round_trip(cfg):
   # HF -> ours -> HF is exact.
   state = _state_dict(_hf_model(cfg))
-  params = vision.params_from_hf_state_dict(state, cfg)
-  back = vision.params_to_hf_state_dict(params, cfg)
+  params = vision_hf.params_from_hf_state_dict(state, cfg)
+  back = vision_hf.params_to_hf_state_dict(params, cfg)
   assert back.keys() == state.keys()
   for k in state:
     np.testing.assert_array_equal(back[k], state[k], err_msg=k)
@@ -162,9 +162,9 @@ def test_weights_round_trip(cfg):
   init = jax.jit(functools.partial(model.init, grid_thw=((1, 4, 4),)))(
       jax.random.key(0), jnp.zeros((16, 1176)))
   init = nn.meta.unbox(init["params"])
-  exported = vision.params_to_hf_state_dict(init, cfg, prefix="model.visual.")
+  exported = vision_hf.params_to_hf_state_dict(init, cfg, prefix="model.visual.")
   assert all(k.startswith("model.visual.") for k in exported)
-  reimported = vision.params_from_hf_state_dict(
+  reimported = vision_hf.params_from_hf_state_dict(
       dict(exported, **{"model.language_model.x": np.zeros(1)}), cfg, prefix="model.visual.")
   jax.tree.map(np.testing.assert_array_equal, reimported, jax.tree.map(np.asarray, init))
 
@@ -173,30 +173,30 @@ def test_bad_checkpoint_is_refused_with_key_name():
   cfg = _tiny()
   state = _state_dict(_hf_model(cfg))
   with pytest.raises(KeyError, match="blocks.2.attn.qkv.weight"):
-    vision.params_from_hf_state_dict({k: v for k, v in state.items() if k != "blocks.2.attn.qkv.weight"}, cfg)
+    vision_hf.params_from_hf_state_dict({k: v for k, v in state.items() if k != "blocks.2.attn.qkv.weight"}, cfg)
   with pytest.raises(KeyError, match="blocks.3.norm1.weight"):
-    vision.params_from_hf_state_dict(dict(state, **{"blocks.3.norm1.weight": np.ones(32)}), cfg)
+    vision_hf.params_from_hf_state_dict(dict(state, **{"blocks.3.norm1.weight": np.ones(32)}), cfg)
   with pytest.raises(ValueError, match="merger.mlp.2.weight"):
-    vision.params_from_hf_state_dict(dict(state, **{"merger.mlp.2.weight": np.ones((8, 128))}), cfg)
+    vision_hf.params_from_hf_state_dict(dict(state, **{"merger.mlp.2.weight": np.ones((8, 128))}), cfg)
 
 
 @pytest.mark.parametrize("cfg", [_tiny(), _tiny("qwen2_vl")], ids=["qwen2_5_vl", "qwen2_vl"])
 def test_config_round_trips_through_hf(cfg):
-  kwargs = vision.vision_config_to_hf(cfg)
+  kwargs = vision_hf.vision_config_to_hf(cfg)
   cls = Qwen2_5_VLVisionConfig if cfg.kind == "qwen2_5_vl" else Qwen2VLVisionConfig
   kwargs.pop("model_type")
   hf_cfg = cls(**kwargs)
-  got = vision.vision_config_from_hf(hf_cfg)
+  got = vision_hf.vision_config_from_hf(hf_cfg)
   if cfg.kind == "qwen2_vl":  # Qwen2-VL has no windows: the field comes back as the default.
     cfg = dataclasses.replace(cfg, window_size=VisionConfig.window_size)
   assert got == cfg
-  assert vision.vision_config_from_hf(hf_cfg.to_dict()) == got
+  assert vision_hf.vision_config_from_hf(hf_cfg.to_dict()) == got
 
 
 def test_remat_bf16_and_cudnn_variants():
   cfg = _tiny()
   grid = ((1, 6, 10), (1, 2, 2))
-  params = vision.params_from_hf_state_dict(_state_dict(_hf_model(cfg)), cfg)
+  params = vision_hf.params_from_hf_state_dict(_state_dict(_hf_model(cfg)), cfg)
   pixels = jnp.asarray(_pixels(cfg, grid))
 
   def run(**attrs):

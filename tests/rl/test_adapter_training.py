@@ -12,8 +12,10 @@ import pytest
 
 from configs import jigsaw_2x1
 from jigsaw_jax import checkpoint as checkpoint_lib
-from jigsaw_jax.models import adapters, policy as policy_lib
-from jigsaw_jax.rl import components, rollout_rewards, sft, trainer
+from jigsaw_jax.models import adapters, mllm, policy as policy_lib
+from jigsaw_jax.rl import components, rollout_rewards
+from jigsaw_jax.sft import train as sft
+from jigsaw_jax.rl.grpo import train as trainer
 
 KINDS = ("lora", "moe_lora", "graph_moe")
 
@@ -44,7 +46,7 @@ def _saved_adapter(config, workdir):
   checkpoint holding anything else, the base included, fails the tree check)."""
   model_cfg = dataclasses.replace(policy_lib.model_config(config.model),
                                   adapter=policy_lib.adapter_config(config))
-  like = adapters.init_adapters(model_cfg, jax.random.key(0))
+  like = mllm.init_adapters(model_cfg, jax.random.key(0))
   target = {"params": like, "opt_state": components.optimizer_for(config).init(like),
             "step": jnp.int32(0), "rng": jax.random.key(0)}
   ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config.checkpoint)
@@ -120,13 +122,14 @@ def _sequences(rows=4, prompt=5, completion=3, seed=0):
 def test_policy_steps_differentiate_only_the_adapter(use_mesh):
   from jigsaw_jax import sharding as sharding_lib
   from jigsaw_jax.models import presets, mllm
-  from jigsaw_jax.rl import losses
-  from jigsaw_jax.rl.steps import PolicySteps, make_optimizer
+  from jigsaw_jax.rl.grpo import losses
+  from jigsaw_jax.rl.optim import make_optimizer
+  from jigsaw_jax.rl.policy_steps import PolicySteps
   base_cfg = presets.get_preset("tiny")
   cfg = dataclasses.replace(base_cfg, adapter=adapters.AdapterConfig(kind="graph_moe", rank=2,
                                                                       experts=2, top_k=1))
   base = mllm.init_params(base_cfg, jax.random.key(0))
-  trainable = adapters.init_adapters(cfg, jax.random.key(1))
+  trainable = mllm.init_adapters(cfg, jax.random.key(1))
   optimizer = make_optimizer(1e-2, 10)
   mesh = sharding_lib.make_mesh((1, -1, 1)) if use_mesh else None
   steps = PolicySteps(cfg, losses.LossConfig(beta=0.04), optimizer, mesh=mesh)

@@ -12,9 +12,10 @@ import pytest
 
 from jigsaw_jax.models import adapters, mllm
 from jigsaw_jax.models.processing import PromptBatch
-from jigsaw_jax.rl import losses
+from jigsaw_jax.rl.grpo import losses
 from jigsaw_jax.rl.sequences import build_sequences, split_rows
-from jigsaw_jax.rl.steps import PolicySteps, make_optimizer
+from jigsaw_jax.rl.optim import make_optimizer
+from jigsaw_jax.rl.policy_steps import PolicySteps
 from jigsaw_jax.tools import scale_check
 
 GROUP = 3
@@ -57,7 +58,7 @@ def _model(adapter=None):
   base_cfg = dataclasses.replace(cfg, adapter=None)
   params = mllm.init_params(base_cfg, jax.random.key(0))
   if adapter is not None:
-    trained = adapters.init_adapters(cfg, jax.random.key(1))
+    trained = mllm.init_adapters(cfg, jax.random.key(1))
     # LoRA's B starts at zero; move it so the adapter changes the numbers being compared.
     trained = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape),
                            trained)

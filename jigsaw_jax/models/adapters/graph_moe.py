@@ -50,11 +50,10 @@ import jax
 import jax.numpy as jnp
 
 from jigsaw_jax.models.adapters import lora
+from jigsaw_jax.models.adapters.config import COMBINES, EXPERT_INPUTS
 from jigsaw_jax.models.adapters.moe_lora import MoEFFN
 
 Array = jax.Array
-COMBINES = ("concat_proj", "gated_residual", "add")
-EXPERT_INPUTS = ("token", "refined")
 
 
 def message(y: Array, eps: float = 1e-6) -> Array:

@@ -40,10 +40,10 @@ import jax
 import jax.numpy as jnp
 
 from jigsaw_jax.models.adapters import lora
+from jigsaw_jax.models.adapters.config import FFN_PROJECTIONS
 
 Array = jax.Array
 LOSSES = "losses"
-FFN_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def route(logits: Array, top_k: int) -> Tuple[Array, Array]:

@@ -18,7 +18,6 @@ based Jigsaw-R1 rewards by default; tests pass scripted ones), never patched in.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
@@ -27,14 +26,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jigsaw_jax import metrics as metrics_lib
 from jigsaw_jax.models import adapters as adapters_lib
 from jigsaw_jax.models.processing import Processor, collate
-from jigsaw_jax.rl import advantages as advantages_lib
+from jigsaw_jax.rl.grpo import advantages as advantages_lib
 from jigsaw_jax.rl import components
-from jigsaw_jax.rl import dynamic_sampling
+from jigsaw_jax.rl.grpo import dynamic_sampling
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl.sequences import build_sequences, split_rows
-from jigsaw_jax.rl.steps import PolicySteps, mean_trees
+from jigsaw_jax.rl.optim import mean_trees
+from jigsaw_jax.rl.policy_steps import PolicySteps
 from jigsaw_jax.rollout.sampler import Sampler
 
 # (puzzles, completion texts, G) -> {accuracy, format, correct, total}: each [P, G] float32.
@@ -98,6 +99,17 @@ class StepRecords:
   drawn: dynamic_sampling.Groups
   draws: int
 
+  # What the update trained on, as the training loop logs it.
+  puzzles = property(lambda self: self.groups.puzzles)
+  texts = property(lambda self: self.groups.texts)
+  scores = property(lambda self: self.groups.scores)
+  rewards = property(lambda self: self.groups.rewards)
+
+  @property
+  def generated_tokens(self) -> int:
+    """Tokens the step's rollouts generated (every draw)."""
+    return int(self.drawn.mask.sum())
+
 
 class GrpoStep:
   """The GRPO step for one policy, sampler and optimizer (see the module docstring).
@@ -147,7 +159,7 @@ class GrpoStep:
   def draw(self, state, batch: Dict[str, Any], rng, timer=None) -> Tuple[
       dynamic_sampling.Groups, Any]:
     """One batch of puzzles rolled out G times each and scored: its Groups and collated prompts."""
-    timer = timer or _NO_TIMER
+    timer = timer or metrics_lib.NO_TIMER
     cfg, processor = self.cfg, self.processor
     with timer.phase("data"):
       encoded, puzzles = rollout_rewards.unique_encoded(batch, cfg.group_size, processor)
@@ -227,7 +239,7 @@ class GrpoStep:
                timer=None) -> Tuple[Dict[str, Any], Dict[str, float], StepRecords]:
     """One step: the new state (step count + 1; params unchanged if the gradient was not
     finite), its metrics and what it rolled out. `timer` (metrics.StepTimer) times the phases."""
-    timer = timer or _NO_TIMER
+    timer = timer or metrics_lib.NO_TIMER
     records, prompts = self.rollout(state, batches, rng, timer)
     with timer.phase("update"):
       state, loss, loss_metrics, stats = self.update(state, records.groups, prompts, rng)
@@ -256,17 +268,3 @@ def step_metrics(records: StepRecords, loss: float, loss_metrics: Dict[str, floa
     metrics["dynamic/zero_variance_kept"] = float(
         np.mean(advantages_lib.zero_variance_groups(records.groups.rewards)))
   return metrics
-
-
-def generated_tokens(records: StepRecords) -> int:
-  """Tokens the step's rollouts generated (every draw)."""
-  return int(records.drawn.mask.sum())
-
-
-class _NullTimer:
-  def phase(self, name: str):
-    del name
-    return contextlib.nullcontext()
-
-
-_NO_TIMER = _NullTimer()

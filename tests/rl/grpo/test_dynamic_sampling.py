@@ -10,7 +10,8 @@ import pytest
 from configs import jigsaw_2x1
 from jigsaw_jax import data as data_lib
 from jigsaw_jax.models import policy as policy_lib
-from jigsaw_jax.rl import dynamic_sampling, rollout_rewards
+from jigsaw_jax.rl import rollout_rewards
+from jigsaw_jax.rl.grpo import dynamic_sampling
 from jigsaw_jax.rl.grpo.step import GrpoStep
 
 

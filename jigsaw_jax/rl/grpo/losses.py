@@ -26,6 +26,8 @@ from typing import Callable, Dict, Optional
 import jax
 import jax.numpy as jnp
 
+from jigsaw_jax.rl.registry import Registry
+
 KL_ESTIMATORS: Dict[str, Callable[[jnp.ndarray], jnp.ndarray]] = {
     # Functions of log_ratio = ref_logp - logp, for samples drawn from the policy (Schulman 2020).
     "k1": lambda log_ratio: -log_ratio,
@@ -45,20 +47,8 @@ class LossConfig:
 
 
 LossFn = Callable[..., tuple]
-LOSSES: Dict[str, LossFn] = {}
-
-
-def register(name: str):
-  def wrap(fn):
-    LOSSES[name] = fn
-    return fn
-  return wrap
-
-
-def get(name: str) -> LossFn:
-  if name not in LOSSES:
-    raise ValueError(f"Unknown loss {name!r}; registered: {sorted(LOSSES)}.")
-  return LOSSES[name]
+LOSSES: Registry[LossFn] = Registry("loss")
+register, get = LOSSES.register, LOSSES.get
 
 
 def _per_token_terms(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig,

@@ -25,7 +25,8 @@ from jigsaw_jax import metrics as metrics_lib
 from jigsaw_jax import sharding as sharding_lib
 from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.rl import components
-from jigsaw_jax.rl import pretrain as pretrain_lib
+from jigsaw_jax.rl import loop as loop_lib
+from jigsaw_jax.sft import pretrain as pretrain_lib
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl.grpo import step as grpo_step_lib
 
@@ -103,7 +104,6 @@ def train_and_evaluate(config, workdir: str,
     state = restored.state
     data_iter.set_state(restored.data_state)
     logging.info("Resumed from step %d.", int(state["step"]))
-  policy = lambda: grpo_step.policy(state)  # all variables of the policy
 
   # ----------------------------------------------------------------------------------------
   # Evaluation.
@@ -113,8 +113,8 @@ def train_and_evaluate(config, workdir: str,
     evaluator = evaluate_lib.Evaluator(model_cfg, processor, config.data, config.eval,
                                        processor.special_ids.eos_ids)
 
-  def run_eval(step: int):
-    records, samples = evaluator(policy(), step)
+  def run_eval(step: int, state):
+    records, samples = evaluator(grpo_step.policy(state), step)
     evaluate_lib.append_records(workdir, records)
     evaluate_lib.write_gallery(os.path.join(workdir, f"gallery_step{step}.png"), samples)
     metrics_lib.write_scalars(writer, step, {
@@ -130,38 +130,12 @@ def train_and_evaluate(config, workdir: str,
   # ----------------------------------------------------------------------------------------
   start_step = int(state["step"])
   total_steps = int(config.total_steps)
-  report_progress = metrics_lib.create_report_progress(writer, total_steps)
-  timer = metrics_lib.StepTimer(report_progress)
   if evaluator is not None and config.eval.at_start and start_step == 0:
-    run_eval(0)
-  last_metrics: Dict[str, Any] = {}
-  for step in range(start_step + 1, total_steps + 1):
-    state, step_metrics, records = grpo_step(state, data_iter,
-                                             jax.random.fold_in(state["rng"], step), timer)
-    timer.add_tokens(grpo_step_lib.generated_tokens(records))
-    finite = step_metrics["skipped_update"] == 0.0
-    if not finite:
-      logging.warning("step %d: non-finite gradient; the update was skipped.", step)
-    last_metrics = {**step_metrics, **timer.finish_step()}
-    if step % int(config.metrics.log_every) == 0 or step == total_steps:
-      metrics_lib.write_scalars(writer, step, last_metrics)
-    if config.metrics.samples_every and step % int(config.metrics.samples_every) == 0:
-      kept = records.groups
-      metrics_lib.write_samples(
-          writer, step, [p.prompt for p in kept.puzzles for _ in range(group)], kept.texts,
-          {k: v.reshape(-1) for k, v in kept.scores.items()})
-    report_progress(step)
-    if finite:
-      ckpt.save(step, state, data_state=data_iter.get_state(),
-                metadata={"step": step, "reward": float(records.groups.rewards.mean())},
-                force=step == total_steps)
-    if evaluator is not None and config.eval.every_steps and step % config.eval.every_steps == 0 \
-        and step != total_steps:
-      run_eval(step)
-
-  ckpt.wait_until_finished()
+    run_eval(0, state)
+  state, last_metrics = loop_lib.run_steps(config, grpo_step, state, data_iter, ckpt, writer,
+                                           run_eval if evaluator is not None else None)
   if evaluator is not None and config.eval.at_end and total_steps > start_step:
-    run_eval(total_steps)
+    run_eval(total_steps, state)
   ckpt.close()
   writer.flush()
   return last_metrics

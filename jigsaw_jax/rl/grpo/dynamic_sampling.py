@@ -19,7 +19,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-from jigsaw_jax.rl import advantages as advantages_lib
+from jigsaw_jax.rl.grpo import advantages as advantages_lib
 
 
 @dataclasses.dataclass(frozen=True)

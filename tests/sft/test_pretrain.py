@@ -4,7 +4,7 @@ import numpy as np
 
 from jigsaw_jax.puzzles import PuzzleSpec, make_puzzle, puzzle_rng
 from jigsaw_jax.puzzles.prompts import index_grid
-from jigsaw_jax.rl import pretrain
+from jigsaw_jax.sft import pretrain
 
 
 def _photo(seed, size=28):

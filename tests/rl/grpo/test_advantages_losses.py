@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 import torch
 
-from jigsaw_jax.rl import advantages, losses
+from jigsaw_jax.rl.grpo import advantages, losses
 
 
 def test_grpo_advantage_by_hand():

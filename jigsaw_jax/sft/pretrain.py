@@ -42,8 +42,8 @@ from jigsaw_jax import checkpoint as checkpoint_lib
 from jigsaw_jax import data as data_lib
 from jigsaw_jax.models.processing import Processor, collate
 from jigsaw_jax.puzzles.prompts import index_grid, multiple_choice
-from jigsaw_jax.rl import sft
-from jigsaw_jax.rl.steps import make_optimizer
+from jigsaw_jax.sft import steps as sft
+from jigsaw_jax.rl.optim import make_optimizer
 
 ROTATIONS = (0, 90, 180, 270)
 ROTATION_PROMPTS = {

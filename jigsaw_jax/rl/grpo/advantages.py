@@ -6,25 +6,15 @@ advantages of the same shape. They are pure jnp functions and run on host numpy 
 
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable
 
 import jax.numpy as jnp
 
+from jigsaw_jax.rl.registry import Registry
+
 AdvantageFn = Callable[..., jnp.ndarray]
-ADVANTAGES: Dict[str, AdvantageFn] = {}
-
-
-def register(name: str):
-  def wrap(fn: AdvantageFn) -> AdvantageFn:
-    ADVANTAGES[name] = fn
-    return fn
-  return wrap
-
-
-def get(name: str) -> AdvantageFn:
-  if name not in ADVANTAGES:
-    raise ValueError(f"Unknown advantage estimator {name!r}; registered: {sorted(ADVANTAGES)}.")
-  return ADVANTAGES[name]
+ADVANTAGES: Registry[AdvantageFn] = Registry("advantage estimator")
+register, get = ADVANTAGES.register, ADVANTAGES.get
 
 
 def _check(rewards):

@@ -23,7 +23,7 @@ float summation order (tests/test_scale_out.py checks four meshes and two proces
 
 Rows that come in groups sharing a prompt (`seq.group` = G, as `build_sequences` makes them) are
 scored with the prompt run once per group and its KV cache shared by the G completions
-(`shared_prompt_scores`): the same numbers, ~G times less prompt work. `share_prompt=False`, G = 1,
+(rl/scoring.py `shared_prompt_scores`): the same numbers, ~G times less prompt work. `share_prompt=False`, G = 1,
 or a mesh whose data-like axes do not divide the number of prompts use the row-by-row pass.
 """
 
@@ -43,10 +43,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jigsaw_jax import sharding as sharding_lib
 from jigsaw_jax.models import adapters as adapters_lib
-from jigsaw_jax.models import decoder as decoder_lib
 from jigsaw_jax.models import mllm
 from jigsaw_jax.models.config import ModelConfig
-from jigsaw_jax.rl import losses
+from jigsaw_jax.rl.grpo import losses
+from jigsaw_jax.rl.optim import guarded_update
+from jigsaw_jax.rl.scoring import completion_scores
 from jigsaw_jax.rl.sequences import SequenceBatch
 
 
@@ -55,192 +56,12 @@ def _array_fields(seq: SequenceBatch):
           seq.pixel_values if seq.grid else None, seq.completion, seq.completion_mask)
 
 
-def completion_scores(model: mllm.VisionLanguageModel, params, input_ids, attn_mask, positions,
-                      pixel_values, completion, grid, temperature: float, *,
-                      adapters_enabled: bool = True, rngs=None, with_aux: bool = False,
-                      group: int = 1):
-  """log p(completion token) and the entropy at each completion position, float32 [R, T].
-
-  Logits are computed only at the T positions that predict completion tokens, so the [R, L+T, V]
-  tensor over the whole sequence is never materialised. With adapters: `adapters_enabled=False`
-  scores the base alone, `rngs={'dropout': key}` turns on adapter dropout, and `with_aux` also
-  returns the mean MoE balance loss (0 without experts) as a third value.
-
-  `group` > 1 says that rows g*G ... g*G + G-1 share one prompt (and its images), as
-  `build_sequences` lays them out: the vision tower and the prompt then run once per distinct
-  prompt (`shared_prompt_scores`), the same numbers up to float rounding.
-  """
-  if group > 1:
-    return shared_prompt_scores(model, params, input_ids, attn_mask, positions, pixel_values,
-                                completion, grid, temperature, group,
-                                adapters_enabled=adapters_enabled, rngs=rngs, with_aux=with_aux)
-  t = completion.shape[1]
-  out = model.apply(params, input_ids, positions, attn_mask, pixel_values, grid or None,
-                    return_hidden=True, return_logits=False, adapters_enabled=adapters_enabled,
-                    rngs=rngs, mutable=[adapters_lib.LOSSES] if with_aux else False)
-  out, state = out if with_aux else (out, {})
-  hidden = out.hidden[:, -t - 1:-1]
-  logits = model.apply(params, hidden, method=lambda m, h: m.decoder.logits(h))
-  logits = logits / temperature
-  scores = (losses.token_log_probs(logits, completion), losses.entropy(logits))
-  return scores + (adapters_lib.balance_loss(state),) if with_aux else scores
-
-
-def _first_of_group_patches(grid, rows: int, group: int):
-  """(indices, grids) of the images of every group's first row: which patches of `pixel_values`
-  (all rows' images, in row order) they are (None: equal images, a reshape picks them)."""
-  per_row = len(grid) // rows
-  firsts = [i for p in range(rows // group) for i in range(p * group * per_row,
-                                                           p * group * per_row + per_row)]
-  prompt_grid = tuple(grid[i] for i in firsts)
-  sizes = [int(np.prod(g)) for g in grid]
-  if len(set(sizes)) <= 1:
-    return None, prompt_grid  # Equal images: a reshape picks them, which shards cleanly.
-  offsets = np.concatenate([[0], np.cumsum(sizes)])
-  index = np.concatenate([np.arange(offsets[i], offsets[i + 1]) for i in firsts])
-  return index.astype(np.int32), prompt_grid
-
-
-def shared_prompt_scores(model: mllm.VisionLanguageModel, params, input_ids, attn_mask,
-                         positions, pixel_values, completion, grid, temperature: float,
-                         group: int, *, adapters_enabled: bool = True, rngs=None,
-                         with_aux: bool = False):
-  """`completion_scores` with the G rows of a group sharing their prompt's forward pass.
-
-  The prompt (first row of each group, images included) fills a KV cache, which the G rows of its
-  group read as a shared prefix while the completion tokens but the last run after it, at the
-  positions `build_sequences` gave them. The prompt's last hidden state
-  predicts completion token 0, the completion's own hidden states the rest. Gradients reach the
-  prompt through the shared prefix (summed over the group), so loss and grads are those of the
-  unshared pass. Prompts (image tokens and instructions) are most of a GRPO batch's tokens, so
-  this does close to G times less work.
-
-  With MoE adapters the balance loss is sown once by the prompt pass and once by the completion
-  pass and `balance_loss` averages the two Switch losses, where the unshared pass computes one
-  over all positions (prompt rows counted G times): the regulariser differs slightly; log-probs,
-  entropies and the policy loss do not.
-  """
-  rows, t = completion.shape
-  length = input_ids.shape[1] - t
-  prompts = rows // group
-  first = lambda x, axis=0: jax.lax.index_in_dim(
-      x.reshape(x.shape[:axis] + (prompts, group) + x.shape[axis + 1:]), 0, axis + 1, False)
-  prompt_ids = first(input_ids)[:, :length]
-  prompt_mask = first(attn_mask)[:, :length]
-  prompt_positions = first(positions, positions.ndim - 2)[..., :length]  # M-RoPE: [3, R, L+T]
-  prompt_pixels, prompt_grid = None, ()
-  if grid:
-    index, prompt_grid = _first_of_group_patches(grid, rows, group)
-    if index is None:
-      prompt_pixels = first(pixel_values.reshape(rows, -1, pixel_values.shape[-1]))
-      prompt_pixels = prompt_pixels.reshape(-1, pixel_values.shape[-1])
-    else:
-      prompt_pixels = jnp.take(pixel_values, jnp.asarray(index), axis=0)
-
-  def forward(m: mllm.VisionLanguageModel):
-    # One apply for both passes: adapter dropout draws fresh masks for each, as in one pass.
-    dtype = jnp.dtype(m.cfg.dtype)
-    cache = decoder_lib.init_cache(m.cfg.text, prompts, length, dtype)
-    out = m(prompt_ids, prompt_positions, prompt_mask, prompt_pixels, prompt_grid or None, cache,
-            return_hidden=True, return_logits=False, adapters_enabled=adapters_enabled)
-    hidden = jnp.repeat(out.hidden[:, -1:], group, axis=0)
-    if t > 1:
-      # The prompt cache is the read-only prefix of its G rows (decoder.Cache 'prefix', as the
-      # sampler decodes): no G copies of the prompt's keys, and its gradient sums over the group.
-      tail_cache = dict(decoder_lib.init_cache(m.cfg.text, rows, t - 1, dtype),
-                        prefix={"layers": out.cache["layers"], "mask": out.cache["mask"]})
-      tail = m(completion[:, :-1], positions[..., length:length + t - 1],
-               attn_mask[:, length:length + t - 1], cache=tail_cache,
-               return_hidden=True, return_logits=False, adapters_enabled=adapters_enabled)
-      hidden = jnp.concatenate([hidden, tail.hidden], axis=1)
-    return m.decoder.logits(hidden)
-
-  out = model.apply(params, method=forward, rngs=rngs,
-                    mutable=[adapters_lib.LOSSES] if with_aux else False)
-  logits, state = out if with_aux else (out, {})
-  logits = logits / temperature
-  scores = (losses.token_log_probs(logits, completion), losses.entropy(logits))
-  return scores + (adapters_lib.balance_loss(state),) if with_aux else scores
-
-
-# ---------------------------------------------------------------------------------------------
-# Where state and batches live on a mesh.
-# ---------------------------------------------------------------------------------------------
-
-
-def optimizer_state_shardings(optimizer: optax.GradientTransformation, abstract_params: Any,
-                              param_shardings: Any, mesh: Mesh) -> Any:
-  """Shardings of `optimizer.init(params)`, from shapes only.
-
-  A state leaf whose tree path ends with a parameter's path and has that parameter's shape
-  (Adam's mu and nu, any per-parameter statistic) is placed like the parameter; everything else
-  (step counts, schedule state) is replicated. Works for any optax chain, masked or not.
-  `abstract_params` is the unboxed tree of shapes (jax.ShapeDtypeStruct or arrays).
-  """
-  by_path = {}
-  leaves = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-  for (path, leaf), sharding in zip(leaves, jax.tree_util.tree_leaves(param_shardings)):
-    by_path[tuple(path)] = (tuple(leaf.shape), sharding)
-  replicated = NamedSharding(mesh, PartitionSpec())
-
-  def place(path, leaf):
-    path, shape = tuple(path), tuple(getattr(leaf, "shape", ()))
-    for start in range(len(path)):
-      hit = by_path.get(path[start:])
-      if hit is not None and hit[0] == shape:
-        return hit[1]
-    return replicated
-
-  abstract_state = jax.eval_shape(optimizer.init, abstract_params)
-  return jax.tree_util.tree_map_with_path(place, abstract_state)
-
-
-def batch_axes(mesh: Mesh) -> tuple[str, ...]:
-  return tuple(a for a in sharding_lib.BATCH_AXES if a in mesh.axis_names)
-
-
-def batch_parallelism(mesh: Mesh) -> int:
-  """How many ways the rows of a batch are split: the product of the data-like mesh axes."""
-  return int(np.prod([mesh.shape[a] for a in batch_axes(mesh)]))
-
-
-def rows_sharding(mesh: Mesh, ndim: int, row_axis: int = 0) -> NamedSharding:
-  """Rows (axis `row_axis`) over the data-like mesh axes, all other axes replicated."""
-  spec = [None] * ndim
-  spec[row_axis] = batch_axes(mesh)
-  return NamedSharding(mesh, PartitionSpec(*spec))
-
-
-def pixel_sharding(mesh: Mesh, num_patches: int) -> NamedSharding:
-  """Patches of all rows' images, in row order: split like the rows when the split falls on
-  image boundaries of equal-sized images (the pipeline's fixed `resize_to`); else replicated."""
-  if num_patches % batch_parallelism(mesh):
-    return NamedSharding(mesh, PartitionSpec())
-  return rows_sharding(mesh, 2)
-
-
 def sequence_shardings(mesh: Mesh, num_patches: int) -> SequenceBatch:
   """The sharding of each array of a SequenceBatch (positions are [3, R, L]: rows on axis 1)."""
-  rows = lambda ndim, axis=0: rows_sharding(mesh, ndim, axis)
-  return SequenceBatch(rows(2), rows(2), rows(3, 1), pixel_sharding(mesh, num_patches), rows(2),
-                       rows(2), ())
+  rows = lambda ndim, axis=0: sharding_lib.rows_sharding(mesh, ndim, axis)
+  return SequenceBatch(rows(2), rows(2), rows(3, 1), sharding_lib.pixel_sharding(mesh, num_patches),
+                       rows(2), rows(2), ())
 
-
-def _on(x: Any, sharding: NamedSharding) -> Any:
-  """`x` placed as `sharding`: a jax.Array is resharded if it lives elsewhere; host data is this
-  process's part (all of it in a single-process run)."""
-  if x is None:
-    return None
-  if isinstance(x, jax.Array):
-    if x.sharding.is_equivalent_to(sharding, x.ndim):
-      return x
-    return jax.device_put(x, sharding)
-  return jax.make_array_from_process_local_data(sharding, np.asarray(x))
-
-
-# ---------------------------------------------------------------------------------------------
-# The step functions.
-# ---------------------------------------------------------------------------------------------
 
 
 class PolicySteps:
@@ -249,7 +70,7 @@ class PolicySteps:
   Without `mesh`: plain `jax.jit` on the default device (laptops, tests). With `mesh`: explicit
   in/out shardings. `param_shardings` defaults to what `rules` give the model's logical axes
   (pass the ones the params were created with if they differ); `opt_state_shardings` defaults to
-  `optimizer_state_shardings(...)`, which `init_optimizer` uses to create the state.
+  `sharding_lib.optimizer_state_shardings(...)`, which `init_optimizer` uses to create the state.
   `constrain_activations=False` traces the model outside the mesh context: params and batches keep
   their shardings and XLA's propagation alone places the activations (a debugging aid).
   `share_prompt=False` scores every row on its own even when its batch says rows share prompts.
@@ -287,13 +108,13 @@ class PolicySteps:
       param_shardings = sharding_lib.logical_to_sharding(boxed, mesh, self.rules)
     trainable_shardings = adapters_lib.split(param_shardings)[0]
     if opt_state_shardings is None:
-      opt_state_shardings = optimizer_state_shardings(
+      opt_state_shardings = sharding_lib.optimizer_state_shardings(
           optimizer, adapters_lib.split(nn.meta.unbox(boxed))[0], trainable_shardings, mesh)
     self.param_shardings, self.opt_state_shardings = param_shardings, opt_state_shardings
     self.trainable_shardings = trainable_shardings
     self.constrain_activations = constrain_activations
     rep = NamedSharding(mesh, PartitionSpec())
-    rows = lambda ndim, axis=0: rows_sharding(mesh, ndim, axis)
+    rows = lambda ndim, axis=0: sharding_lib.rows_sharding(mesh, ndim, axis)
     # pixel_values: None takes the argument's placement, chosen per shape by `shard_batch`.
     batch_in = (rows(2), rows(2), rows(3, 1), None, rows(2), rows(2))
     # The image grid and the group size are static and come first (jit takes no keyword
@@ -324,7 +145,7 @@ class PolicySteps:
   def _place_state(self, tree: Any, shardings: Any) -> Any:
     if self.mesh is None:
       return tree
-    return jax.tree.map(_on, tree, shardings)
+    return jax.tree.map(sharding_lib.place, tree, shardings)
 
   def shard_batch(self, seq: SequenceBatch) -> SequenceBatch:
     """This process's rows of a SequenceBatch -> global arrays split as the step functions take
@@ -349,13 +170,14 @@ class PolicySteps:
     out = {}
     try:
       for name in ("input_ids", "attn_mask", "positions", "completion", "completion_mask"):
-        out[name] = _on(getattr(seq, name), getattr(shardings, name))
+        out[name] = sharding_lib.place(getattr(seq, name), getattr(shardings, name))
     except ValueError as e:
-      parts = batch_parallelism(self.mesh)
+      parts = sharding_lib.batch_parallelism(self.mesh)
       raise ValueError(
           f"{local_rows} rows (on this process) do not split over the mesh's data-like axes "
-          f"{batch_axes(self.mesh)} ({parts} devices in all). Make the rows of a micro-batch "
-          f"(prompts_per_batch * group_size / micro_batches) a multiple of {parts}, or change "
+          f"{sharding_lib.batch_axes(self.mesh)} ({parts} devices in all). Make the rows of a "
+          f"micro-batch (prompts_per_batch * group_size / micro_batches) a multiple of {parts}, "
+          "or change "
           f"config.mesh.shape. ({e})") from e
     factor = out["input_ids"].shape[0] // max(local_rows, 1)
     pixels = None
@@ -363,10 +185,10 @@ class PolicySteps:
       local = np.asarray(seq.pixel_values) if not isinstance(seq.pixel_values, jax.Array) \
           else seq.pixel_values
       patches = local.shape[0] * factor
-      target = pixel_sharding(self.mesh, patches)
+      target = sharding_lib.pixel_sharding(self.mesh, patches)
       if factor > 1 and not isinstance(local, jax.Array) and not target.spec:
         local = multihost_utils.process_allgather(local, tiled=True)  # replicated: all patches
-      pixels = _on(local, target)
+      pixels = sharding_lib.place(local, target)
     return SequenceBatch(out["input_ids"], out["attn_mask"], out["positions"], pixels,
                          out["completion"], out["completion_mask"], grid * factor, seq.group)
 
@@ -383,14 +205,14 @@ class PolicySteps:
       return 1
     if images % rows:
       return 1
-    if self.mesh is not None and (rows // group) % batch_parallelism(self.mesh):
+    if self.mesh is not None and (rows // group) % sharding_lib.batch_parallelism(self.mesh):
       return 1
     return group
 
   def _rows(self, x: Any, ndim: int) -> Any:
     if self.mesh is None or x is None:
       return x
-    return _on(x, rows_sharding(self.mesh, ndim))
+    return sharding_lib.place(x, sharding_lib.rows_sharding(self.mesh, ndim))
 
   # -- optimizer state ----------------------------------------------------------------------
 
@@ -466,14 +288,7 @@ class PolicySteps:
   # -- update -------------------------------------------------------------------------------
 
   def _update_impl(self, params, opt_state, grads):
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(grad_norm)
-    updates, new_opt_state = self.optimizer.update(grads, opt_state, params)
-    new_params = optax.apply_updates(params, updates)
-    keep = lambda new, old: jax.tree_util.tree_map(
-        lambda a, b: jnp.where(finite, a, b), new, old)
-    return (keep(new_params, params), keep(new_opt_state, opt_state),
-            {"grad_norm": grad_norm, "finite": finite.astype(jnp.float32)})
+    return guarded_update(self.optimizer, params, opt_state, grads)
 
   def apply_update(self, params, opt_state, grads):
     """One optax step on the trainable params (all of them, or the adapter part)."""
@@ -481,24 +296,3 @@ class PolicySteps:
       return self._update(self._place_state(params, self.trainable_shardings),
                           self._place_state(opt_state, self.opt_state_shardings),
                           self._place_state(grads, self.trainable_shardings))
-
-
-def mean_trees(trees):
-  """Element-wise mean of a list of equally shaped pytrees (micro-batch gradients)."""
-  return jax.tree_util.tree_map(lambda *xs: sum(xs) / len(xs), *trees)
-
-
-def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int = 0,
-                   weight_decay: float = 0.0, grad_clip: float = 1.0, b1: float = 0.9,
-                   b2: float = 0.999, eps: float = 1e-8, end_learning_rate: float = 0.0,
-                   mask: Any = None) -> optax.GradientTransformation:
-  """AdamW with a linear schedule to `end_learning_rate` (Jigsaw-R1: lr 1e-6 -> 0, no warmup,
-  weight decay 0, global-norm clip 1.0, HF Trainer's betas and eps)."""
-  decay = optax.linear_schedule(learning_rate, end_learning_rate,
-                                max(total_steps - warmup_steps, 1))
-  schedule = (optax.join_schedules([optax.linear_schedule(0.0, learning_rate, warmup_steps),
-                                    decay], [warmup_steps]) if warmup_steps else decay)
-  chain = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
-  chain.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-  tx = optax.chain(*chain)
-  return optax.masked(tx, mask) if mask is not None else tx
