@@ -260,3 +260,32 @@ def test_presets_are_the_published_shapes():
     cfg = presets.get_preset(name)
     hf = qwen3_vl_hf.hf_config_from_model_config(cfg)
     assert hf_io.model_config_from_hf(json.loads(hf.to_json_string())) == cfg
+
+
+@pytest.mark.slow
+def test_tiny_jigsaw_config_runs_grpo_steps_with_the_qwen3_vl_policy(tmp_path, monkeypatch):
+  """`configs/jigsaw_2x1.py:tiny,model.preset=qwen3_vl_tiny`: two GRPO steps through the real
+  trainer (sampler, scoring with the shared prompt cache, update) with a finite, non-zero
+  gradient."""
+  from configs import jigsaw_2x1
+  from jigsaw_jax.rl import trainer
+  real = trainer.rollout_rewards.score_texts
+  noise = np.random.RandomState(0)
+
+  def score_texts(*args, **kwargs):  # A random policy scores 0 everywhere: add noise to learn.
+    scores = real(*args, **kwargs)
+    scores["total"] = scores["total"] + noise.rand(*scores["total"].shape).astype(np.float32)
+    return scores
+  monkeypatch.setattr(trainer.rollout_rewards, "score_texts", score_texts)
+
+  c = jigsaw_2x1.get_config("tiny,model.preset=qwen3_vl_tiny")
+  c.total_steps = 2
+  c.pretrain.steps = 0
+  c.eval.at_start = c.eval.at_end = False
+  c.checkpoint.async_save = False
+  c.data.pipeline.prompts_per_batch = 2
+  c.data.pipeline.group_size = 2
+  c.rollout.max_new_tokens = 4
+  metrics = trainer.train_and_evaluate(c, str(tmp_path))
+  assert np.isfinite(metrics["loss"]) and metrics["skipped_update"] == 0.0
+  assert metrics["grad_norm"] > 0
