@@ -289,3 +289,22 @@ def test_tiny_jigsaw_config_runs_grpo_steps_with_the_qwen3_vl_policy(tmp_path, m
   metrics = trainer.train_and_evaluate(c, str(tmp_path))
   assert np.isfinite(metrics["loss"]) and metrics["skipped_update"] == 0.0
   assert metrics["grad_norm"] > 0
+
+
+def test_qwen3_vl_image_settings_preprocess_like_transformers(tmp_path):
+  """Qwen3-VL checkpoints' preprocessor_config.json (16-pixel patches, mean = std = 0.5, pixel
+  bounds as a size dict): our patches and grid equal transformers' image processor's."""
+  from jigsaw_jax.models import processing
+  settings = {"size": {"longest_edge": 16777216, "shortest_edge": 65536}, "patch_size": 16,
+              "temporal_patch_size": 2, "merge_size": 2, "image_mean": [0.5, 0.5, 0.5],
+              "image_std": [0.5, 0.5, 0.5], "processor_class": "Qwen3VLProcessor",
+              "image_processor_type": "Qwen2VLImageProcessorFast"}
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
+  ours_cfg = processing.ImageProcessingConfig.from_pretrained(tmp_path)
+  assert (ours_cfg.patch_size, ours_cfg.min_pixels, ours_cfg.image_mean) == (16, 65536, (0.5,) * 3)
+  hf = transformers.AutoImageProcessor.from_pretrained(str(tmp_path))
+  image = np.random.RandomState(0).randint(0, 256, (300, 410, 3)).astype(np.uint8)
+  pixels, grid = processing.preprocess_image(image, ours_cfg)
+  ref = hf(images=[image], return_tensors="np")
+  np.testing.assert_array_equal(np.asarray(grid).reshape(-1), ref["image_grid_thw"].reshape(-1))
+  np.testing.assert_allclose(pixels, ref["pixel_values"], atol=1e-5)
