@@ -1,4 +1,4 @@
-"""The text decoder: Qwen2 (GQA, q/k/v bias, M-RoPE) and, by config, plain LLaMA-style models.
+"""The text decoder: Qwen2 (GQA, q/k/v bias, M-RoPE), Qwen3 (QK-norm) and LLaMA-style models.
 
 One module serves both a full forward pass (training, scoring) and incremental decoding over a
 preallocated KV cache (the sampler). Both run the same code: without a cache the keys are the
@@ -97,7 +97,8 @@ class DecoderLayer(nn.Module):
     norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
     h, kv_cache = layers.Attention(
         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias, self.attention_impl,
-        self.dtype, self.param_dtype, self.adapter, cfg.qk_norm, cfg.rms_norm_eps, name="self_attn")(
+        self.dtype, self.param_dtype, self.adapter, cfg.qk_norm, cfg.rms_norm_eps,
+        name="self_attn")(
             norm("input_layernorm")(x), cos, sin, mask, kv_cache, cache_index, adapters_enabled,
             prefix)
     if last_only:

@@ -1,21 +1,28 @@
-"""Named model shapes: the released Qwen-VL checkpoints and two CPU-sized models.
+"""Named model shapes: the released Qwen-VL checkpoints and CPU-sized models.
 
     cfg = presets.get_preset("qwen2_5_vl_3b", dtype="bfloat16")
     presets.count_params("qwen2_5_vl_3b")  # 3_754_622_976, without allocating anything
 
 The released shapes are those of the checkpoints' config.json (Qwen/Qwen2.5-VL-3B-Instruct,
 Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen2-VL-2B-Instruct); `hf_io.model_config_from_hf` on those
-files gives exactly these configs (tested). The Qwen3-VL presets are the dense
-Qwen/Qwen3-VL-{2B,4B,8B}-Instruct config.json values (text_config, vision_config): 2B hidden 2048,
-intermediate 6144, 28 layers, 16 heads, 8 KV heads, tied embeddings, vision depth 24 / width 1024
-/ MLP 4096, DeepStack at blocks 5, 11, 17; 4B hidden 2560, intermediate 9728, 36 layers, 32
-heads, 8 KV heads, tied, the same vision tower with out_hidden_size 2560; 8B hidden 4096,
-intermediate 12288, 36 layers, 32 heads, 8 KV heads, untied, vision depth 27 / width 1152 / MLP
-4304, DeepStack at 8, 16, 24. All: head_dim 128, rope_theta 5e6, interleaved mrope_section
-(24, 20, 20), patch 16, 2304 learned vision positions, gelu_pytorch_tanh. The count_params test in
-tests/models/test_qwen3_vl.py checks them against the published sizes (2.1B, 4.4B, 8.8B). `tiny` and `small` keep Qwen2.5-VL's structure (window
-attention with full-attention blocks, M-RoPE, tied embeddings) at CPU scale, with the vocabulary
-and special-token ids of the tokenizer shipped in `assets/tokenizer_tiny`.
+files gives exactly these configs (tested).
+
+The Qwen3-VL presets are the dense Qwen/Qwen3-VL-{2B,4B,8B}-Instruct config.json values
+(text_config, vision_config; the 2B one as of revision 89644892e4d8):
+  2B: hidden 2048, intermediate 6144, 28 layers, 16 heads, 8 KV heads, tied embeddings; vision
+      depth 24, width 1024, MLP 4096, out 2048, DeepStack after blocks 5, 11, 17.
+  4B: hidden 2560, intermediate 9728, 36 layers, 32 heads, 8 KV heads, tied; the 2B's vision
+      tower with out 2560.
+  8B: hidden 4096, intermediate 12288, 36 layers, 32 heads, 8 KV heads, untied; vision depth 27,
+      width 1152, MLP 4304, out 4096, DeepStack after 8, 16, 24.
+  All: head_dim 128, rope_theta 5e6, interleaved mrope_section (24, 20, 20), vocab 151936; vision
+      patch 16, 16 heads, 2304 learned positions, gelu_pytorch_tanh.
+Their parameter counts (2,127,532,032 / 4,437,815,808 / 8,767,123,696) are the published sizes
+(tests/models/test_qwen3_vl.py).
+
+`tiny` and `small` keep Qwen2.5-VL's structure (window attention with full-attention blocks,
+M-RoPE, tied embeddings) at CPU scale, `qwen3_vl_tiny` Qwen3-VL's, with the vocabulary and
+special-token ids of the tokenizer shipped in `assets/tokenizer_tiny`.
 """
 
 from __future__ import annotations

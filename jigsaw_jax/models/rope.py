@@ -4,8 +4,8 @@ M-RoPE gives every token three position ids (temporal, height, width). The rotar
 split into three contiguous sections (`mrope_section`, counted in frequency pairs, e.g. (16, 24, 24)
 for head_dim 128); section i rotates with the i-th position id. Qwen3-VL interleaves them instead
 (`interleaved=True`): frequency j takes h when j % 3 == 1, w when j % 3 == 2 (while j < 3 * that
-axis's section) and t otherwise, so every axis spans low and high frequencies. Text tokens carry the same id on all
-three axes, so for pure text M-RoPE reduces exactly to 1-D RoPE.
+axis's section) and t otherwise, so every axis spans low and high frequencies. Text tokens carry
+the same id on all three axes, so for pure text M-RoPE reduces exactly to 1-D RoPE.
 
 The layout follows the reference (transformers' `rotate_half` convention): the first half of the
 head dimension pairs with the second half, and cos/sin are the per-frequency values repeated twice.

@@ -8,15 +8,12 @@ row, left padding), greedy decoding and the HF round trip must all agree with tr
 from __future__ import annotations
 
 import json
-import pathlib
-import shutil
 
 import jax
 import numpy as np
 import pytest
 import torch
 import transformers
-from safetensors.numpy import load_file, save_file
 
 from jigsaw_jax.models import hf_io, mllm, presets, rope
 from jigsaw_jax.models.processing import PromptBatch
@@ -24,6 +21,7 @@ from jigsaw_jax.models.qwen3_vl import hf as qwen3_vl_hf
 from jigsaw_jax.models.qwen3_vl import vision as qwen3_vision
 from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
 from jigsaw_jax.rollout.sampling import SamplingConfig
+from tests.models.test_hf_io import _copy, _rewrite, _tensors
 from tests.models.test_mllm import IMAGE, VIDEO, START, END, VOCAB, hf_forward, make_batch, \
     our_forward, randomize
 
@@ -59,13 +57,6 @@ def saved(tmp_path_factory):
     directory = tmp_path_factory.mktemp(name)
     model.save_pretrained(directory)
     out[name] = (model, directory)
-  return out
-
-
-def _tensors(directory) -> dict:
-  out = {}
-  for file in sorted(pathlib.Path(directory).glob("*.safetensors")):
-    out.update(load_file(str(file)))
   return out
 
 
@@ -210,19 +201,6 @@ def test_export_of_tiny_preset_runs_in_transformers_with_same_logits(tmp_path):
   index = mllm.rope_index(cfg, ids, grids, mask)
   ours = mllm.VisionLanguageModel(cfg).apply(params, ids, index.positions, mask, pixels, grids)
   assert np.abs(np.asarray(ours.logits) - ref).max() < TOL
-
-
-def _copy(directory, tmp_path) -> pathlib.Path:
-  target = tmp_path / "copy"
-  shutil.copytree(directory, target)
-  return target
-
-
-def _rewrite(directory, edit) -> None:
-  path = directory / "model.safetensors"
-  tensors = load_file(str(path))
-  edit(tensors)
-  save_file(tensors, str(path), metadata={"format": "pt"})
 
 
 def test_missing_tensor_is_refused_by_its_name_in_the_file(saved, tmp_path):

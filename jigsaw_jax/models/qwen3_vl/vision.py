@@ -109,8 +109,8 @@ class Qwen3VisionTower(nn.Module):
         nn.initializers.normal(0.02), (None, "embed")),
         (cfg.num_position_embeddings, cfg.hidden_size), param_dtype)
     index, weight = interpolation_taps(grid, side_of(cfg), cfg.spatial_merge_size)
-    positions = jnp.sum(jnp.take(table, jnp.asarray(index), axis=0) * jnp.asarray(weight)[..., None],
-                        axis=1)
+    taps = jnp.take(table, jnp.asarray(index), axis=0)  # [N, 4, E]
+    positions = jnp.sum(taps * jnp.asarray(weight)[..., None], axis=1)
     x = nn.with_logical_constraint(x + positions.astype(x.dtype),
                                    ("activation_length", "activation_embed"))
 
@@ -142,7 +142,8 @@ def check_config(cfg: VisionConfig, attention_impl: str = "xla") -> None:
   if cfg.kind != "qwen3_vl":
     raise ValueError(f"the Qwen3-VL tower needs VisionConfig.kind='qwen3_vl', got {cfg.kind!r}.")
   if attention_impl not in vision.ATTENTION_IMPLS:
-    raise ValueError(f"attention_impl={attention_impl!r}: expected one of {vision.ATTENTION_IMPLS}.")
+    raise ValueError(
+        f"attention_impl={attention_impl!r}: expected one of {vision.ATTENTION_IMPLS}.")
   if cfg.hidden_size % cfg.num_heads:
     raise ValueError(
         f"vision hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}.")
