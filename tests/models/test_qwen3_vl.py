@@ -286,3 +286,22 @@ def test_qwen3_vl_image_settings_preprocess_like_transformers(tmp_path):
   ref = hf(images=[image], return_tensors="np")
   np.testing.assert_array_equal(np.asarray(grid).reshape(-1), ref["image_grid_thw"].reshape(-1))
   np.testing.assert_allclose(pixels, ref["pixel_values"], atol=1e-5)
+
+
+def test_parity_command_on_a_qwen3_vl_directory(saved):
+  from jigsaw_jax.models import parity
+  diff = parity.compare(saved["untied"][1], verbose=False)
+  assert diff < TOL
+  assert parity.main(["--hf", str(saved["untied"][1]), "--tol", "-1"]) == 1
+
+
+def test_every_parameter_has_logical_axes():
+  import flax.linen as nn
+  boxed = mllm.abstract_params(presets.get_preset("qwen3_vl_tiny"))
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  names = {"/".join(str(k.key) for k in path) for path, _ in
+           jax.tree_util.tree_flatten_with_path(nn.unbox(boxed))[0]}
+  assert any("deepstack_1" in n for n in names) and any("q_norm" in n for n in names)
+  for leaf in leaves:
+    assert isinstance(leaf, nn.Partitioned), f"parameter without logical axis names: {leaf}"
+    assert len(leaf.names) == len(leaf.value.shape)
