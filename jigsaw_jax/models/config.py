@@ -15,9 +15,11 @@ from jigsaw_jax.models.adapters.config import AdapterConfig
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """The Qwen2-VL / Qwen2.5-VL vision tower (a ViT with a 2x2 patch merger)."""
+  """The Qwen2-VL / Qwen2.5-VL / Qwen3-VL vision tower (a ViT with a 2x2 patch merger)."""
 
-  # "qwen2_5_vl": RMSNorm + SwiGLU blocks, window attention; "qwen2_vl": LayerNorm + GELU, full attention.
+  # "qwen2_5_vl": RMSNorm + SwiGLU blocks, window attention; "qwen2_vl": LayerNorm + GELU, full attention;
+  # "qwen3_vl": LayerNorm + GELU, full attention, learned position embeddings and DeepStack
+  # (jigsaw_jax/models/qwen3_vl).
   kind: str = "qwen2_5_vl"
   depth: int = 32
   hidden_size: int = 1280
@@ -36,6 +38,10 @@ class VisionConfig:
   norm_eps: float = 1e-6
   # Std of the normal draw of every weight matrix at random init (HF's `initializer_range`).
   initializer_range: float = 0.02
+  # Qwen3-VL only: a learned square table of position embeddings, resampled to each image's
+  # grid, and the blocks whose outputs (merged) are added to the first decoder layers' outputs.
+  num_position_embeddings: int = 2304
+  deepstack_visual_indexes: Tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +59,11 @@ class TextConfig:
   rope_theta: float = 1000000.0
   mrope_section: Optional[Tuple[int, ...]] = (16, 24, 24)
   qkv_bias: bool = True
+  # Qwen3: RMSNorm over head_dim on every query and key head, before the rotation.
+  qk_norm: bool = False
+  # Qwen3-VL's M-RoPE: frequencies cycle t, h, w (h and w each take `mrope_section` of them)
+  # instead of three contiguous blocks.
+  mrope_interleaved: bool = False
   tie_word_embeddings: bool = True
   hidden_act: str = "silu"
   # Std of the normal draw of every weight matrix and the embedding at random init (HF's name).

@@ -1,4 +1,4 @@
-"""The text decoder: Qwen2 (GQA, q/k/v bias, M-RoPE) and, by config, plain LLaMA-style models.
+"""The text decoder: Qwen2 (GQA, q/k/v bias, M-RoPE), Qwen3 (QK-norm) and LLaMA-style models.
 
 One module serves both a full forward pass (training, scoring) and incremental decoding over a
 preallocated KV cache (the sampler). Both run the same code: without a cache the keys are the
@@ -19,7 +19,7 @@ same cache slots and only the key mask differs per row.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, NamedTuple, Optional
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -97,7 +97,8 @@ class DecoderLayer(nn.Module):
     norm = lambda name: layers.RMSNorm(cfg.rms_norm_eps, self.dtype, self.param_dtype, name=name)
     h, kv_cache = layers.Attention(
         cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias, self.attention_impl,
-        self.dtype, self.param_dtype, self.adapter, name="self_attn")(
+        self.dtype, self.param_dtype, self.adapter, cfg.qk_norm, cfg.rms_norm_eps,
+        name="self_attn")(
             norm("input_layernorm")(x), cos, sin, mask, kv_cache, cache_index, adapters_enabled,
             prefix)
     if last_only:
@@ -178,19 +179,22 @@ class TextDecoder(nn.Module):
       tap_layer: Optional[int] = None,
       first_layer: int = 0,
       adapters_enabled: bool = True,
+      deepstack: Optional[Sequence[Array]] = None,
   ) -> DecoderOutput:
     """Runs layers `first_layer`... to the end (a later start takes `inputs` as that layer's input
     residual stream: FastMem reruns only the last layers on a cached trunk); `tap_layer` also
     returns the residual stream entering that layer (num_layers: after the last one, before the
     final norm), which Proxy-RLHF reads. `adapters_enabled=False` runs the base model alone (the
-    KL reference of adapter training) with the same variables."""
+    KL reference of adapter training) with the same variables. `deepstack[i]` ([B, T, E], zero
+    away from image tokens) is added to the output of layer i: Qwen3-VL's DeepStack."""
     cfg = self.cfg
     x = self.embed(inputs) if jnp.issubdtype(inputs.dtype, jnp.integer) else inputs
     x = layers.constrain(x.astype(layers.as_dtype(self.dtype)),
                          ("activation_batch", "activation_length", "activation_embed"))
     if cfg.mrope_section is None and positions.ndim == 3:
       positions = positions[0]  # A 1-D model given M-RoPE ids of text: all three axes agree.
-    cos, sin = rope.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+    cos, sin = rope.rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section,
+                                 cfg.mrope_interleaved)
     mask, key_valid = visibility_mask(attn_mask, cache)
     index = None if cache is None else cache["index"]
     prefix = None if cache is None else cache.get("prefix")
@@ -207,8 +211,11 @@ class TextDecoder(nn.Module):
         continue
       shared = None if prefix is None else (prefix["layers"][i]["k"], prefix["layers"][i]["v"],
                                             prefix["mask"])
+      last_only = trim and i == len(self.layers) - 1
       x, kv = layer(x, cos, sin, mask, None if cache is None else cache["layers"][i], index,
-                    adapters_enabled, shared, trim and i == len(self.layers) - 1)
+                    adapters_enabled, shared, last_only)
+      if deepstack is not None and i < len(deepstack):
+        x = x + (deepstack[i][:, -1:] if last_only else deepstack[i]).astype(x.dtype)
       new_layers.append(kv)
     if tap_layer == len(self.layers):
       tapped = x

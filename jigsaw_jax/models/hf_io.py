@@ -1,4 +1,4 @@
-"""HF checkpoints in and out: a local Qwen2-VL / Qwen2.5-VL directory <-> our parameter tree.
+"""HF checkpoints in and out: a local Qwen2-VL / Qwen2.5-VL / Qwen3-VL directory <-> our parameters.
 
 One declarative name map (`weight_specs`) lists every tensor: its HF name, its path in our tree,
 how it is laid out, and the HF shape the config implies. Import and export both walk that list, so
@@ -34,12 +34,14 @@ from safetensors.numpy import save_file
 
 from jigsaw_jax.models import mllm, vision_hf
 from jigsaw_jax.models.config import ModelConfig, TextConfig
+from jigsaw_jax.models.qwen3_vl import hf as qwen3_vl_hf
 
 PathLike = os.PathLike | str
 Path = Tuple[str, ...]
 
 _ARCHITECTURES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
-                  "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+                  "qwen2_vl": "Qwen2VLForConditionalGeneration",
+                  qwen3_vl_hf.MODEL_TYPE: qwen3_vl_hf.ARCHITECTURE}
 # Files of a checkpoint directory that are not weights but that users of an export need.
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.json",
@@ -81,6 +83,10 @@ def decoder_weight_specs(t: TextConfig, prefix: Path = ("decoder",)) -> List[Wei
                                 (out,)))
     specs.append(WeightSpec(f"{hf}self_attn.o_proj.weight", attn + ("o_proj", "kernel"), "linear",
                             (e, q)))
+    if t.qk_norm:
+      for name in ("q_norm", "k_norm"):
+        specs.append(WeightSpec(f"{hf}self_attn.{name}.weight", attn + (name, "scale"), "copy",
+                                (t.head_dim,)))
     for name, shape in (("gate_proj", (inter, e)), ("up_proj", (inter, e)),
                         ("down_proj", (e, inter))):
       specs.append(WeightSpec(f"{hf}mlp.{name}.weight", ours + ("mlp", name, "kernel"), "linear",
@@ -96,7 +102,10 @@ def decoder_weight_specs(t: TextConfig, prefix: Path = ("decoder",)) -> List[Wei
 def weight_specs(cfg: ModelConfig) -> List[WeightSpec]:
   """Every tensor of the model: decoder entries here, vision entries from vision_hf.hf_weight_map."""
   specs = decoder_weight_specs(cfg.text)
-  if cfg.vision is not None:
+  if cfg.vision is not None and cfg.vision.kind == qwen3_vl_hf.MODEL_TYPE:
+    specs += [WeightSpec("visual." + name, ("visual",) + path, kind, shape)
+              for name, path, kind, shape in qwen3_vl_hf.vision_weight_map(cfg.vision)]
+  elif cfg.vision is not None:
     shapes = vision_hf.hf_shapes(cfg.vision)
     for name, path, kind in vision_hf.hf_weight_map(cfg.vision):
       kind = "copy" if kind == "copy" else "linear"  # conv3d_as_linear is a linear + reshape.
@@ -137,7 +146,7 @@ def _hf_config_object(config: Mapping[str, Any]):
   if model_type not in _ARCHITECTURES:
     raise CheckpointError(
         f"config.json has model_type {model_type!r}; expected one of {sorted(_ARCHITECTURES)} "
-        "(a Qwen2-VL or Qwen2.5-VL checkpoint).")
+        "(a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint).")
   try:
     return transformers.CONFIG_MAPPING[model_type].from_dict(dict(config))
   except Exception as e:  # transformers validates configs; say which file failed.
@@ -149,6 +158,8 @@ def model_config_from_hf(config: Mapping[str, Any], **overrides) -> ModelConfig:
   """Our ModelConfig from a checkpoint's config.json (as a dict). `overrides` set ModelConfig
   fields such as dtype, param_dtype, remat or attention_impl."""
   hf = _hf_config_object(config)
+  if config.get("model_type") == qwen3_vl_hf.MODEL_TYPE:
+    return dataclasses.replace(qwen3_vl_hf.model_config_from_hf(hf, CheckpointError), **overrides)
   tc = hf.text_config
   rope = dict(tc.rope_parameters or {})
   if rope.get("rope_type", "default") != "default":
@@ -179,6 +190,8 @@ def hf_config_from_model_config(cfg: ModelConfig, torch_dtype: str = "float32"):
   import transformers
   if cfg.vision is None:
     raise ValueError("export needs a vision tower: cfg.vision is None.")
+  if cfg.vision.kind == qwen3_vl_hf.MODEL_TYPE:
+    return qwen3_vl_hf.hf_config_from_model_config(cfg, torch_dtype)
   t = cfg.text
   if t.head_dim * t.num_heads != t.hidden_size:
     raise ValueError(f"transformers derives head_dim = hidden_size / num_heads = "
@@ -299,15 +312,19 @@ def load_hf(
   abstract = nn.unbox(mllm.abstract_params(cfg))["params"]
 
   problems = []
+  # Named as the checkpoint's own layout names them (Qwen3-VL's differ from the canonical ones).
+  shown = (qwen3_vl_hf.export_name if cfg.vision is not None
+           and cfg.vision.kind == qwen3_vl_hf.MODEL_TYPE else lambda name: name)
   expected = {s.hf_name for s in specs}
   tied_head = cfg.text.tie_word_embeddings and "lm_head.weight" in found
   for s in specs:
     if s.hf_name not in found:
-      problems.append(f"missing tensor {s.hf_name} (shape {s.hf_shape}).")
+      problems.append(f"missing tensor {shown(s.hf_name)} (shape {s.hf_shape}).")
     elif found[s.hf_name][2] != s.hf_shape:
-      problems.append(f"tensor {s.hf_name} has shape {found[s.hf_name][2]}, expected {s.hf_shape}.")
+      problems.append(f"tensor {shown(s.hf_name)} has shape {found[s.hf_name][2]}, expected "
+                      f"{s.hf_shape}.")
   for name in sorted(set(found) - expected - ({"lm_head.weight"} if tied_head else set())):
-    problems.append(f"unexpected tensor {name} {found[name][2]}.")
+    problems.append(f"unexpected tensor {found[name][1]} {found[name][2]}.")
   if problems:
     raise CheckpointError(
         f"checkpoint {str(directory)!r} does not match its config ({len(problems)} problem(s)):\n  "
@@ -363,13 +380,15 @@ def hf_tensors(params: Mapping[str, Any], cfg: ModelConfig,
   """(HF name, array) for every tensor, one at a time, in map order."""
   tree = nn.unbox(params)
   tree = tree.get("params", tree)
+  qwen3 = cfg.vision is not None and cfg.vision.kind == qwen3_vl_hf.MODEL_TYPE
   for s in weight_specs(cfg):
     value = _get_path(tree, s.path)
     if value is None:
       raise KeyError(f"params have no {'/'.join(s.path)} (HF tensor {s.hf_name}); were they "
                      "made for this config?")
     value = ours_to_hf(s.kind, _host(value), s.hf_shape)
-    yield s.hf_name, value.astype(jnp.dtype(dtype)) if dtype else value
+    name = qwen3_vl_hf.export_name(s.hf_name) if qwen3 else s.hf_name  # the layout it came in
+    yield name, value.astype(jnp.dtype(dtype)) if dtype else value
 
 
 def save_hf(

@@ -245,6 +245,8 @@ class Attention(nn.Module):
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   adapter: Any = None  # AdapterConfig: LoRA / experts on the projections its `targets` match
+  qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on each query and key head
+  norm_eps: float = 1e-6
 
   @nn.compact
   def __call__(
@@ -275,6 +277,9 @@ class Attention(nn.Module):
     q = proj(self.num_heads, "q_heads", "q_proj")  # [B, T, H, D]
     k = proj(self.num_kv_heads, "kv_heads", "k_proj")  # [B, T, K, D]
     v = proj(self.num_kv_heads, "kv_heads", "v_proj")
+    if self.qk_norm:
+      q = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, name="q_norm")(q)
+      k = RMSNorm(self.norm_eps, self.dtype, self.param_dtype, name="k_norm")(k)
     q = constrain(rope.apply_rope(q, cos, sin), ("activation_batch", "activation_length",
                                                  "activation_heads", "activation_head_dim"))
     k = rope.apply_rope(k, cos, sin).transpose(0, 2, 1, 3)  # [B, K, T, D]

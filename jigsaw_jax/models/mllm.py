@@ -1,5 +1,6 @@
 """The multimodal policy: vision tower + text decoder, the same function as transformers'
-Qwen2_5_VLForConditionalGeneration / Qwen2VLForConditionalGeneration.
+Qwen2_5_VLForConditionalGeneration / Qwen2VLForConditionalGeneration /
+Qwen3VLForConditionalGeneration (dense).
 
     index = rope_index(cfg, input_ids, image_grid_thw, attn_mask)   # numpy, on the host
     out = model.apply(params, input_ids, index.positions, attn_mask,
@@ -11,7 +12,10 @@ text tokens count up by one on all three axes; the tokens of an image take (star
 start + col) and the next text resumes at start + max(rows, cols). The ids depend only on token ids
 and image grids, so they are computed once on the host in numpy (`rope_index`) and enter jitted
 code as an ordinary int32 input; so does the per-row `delta` that decoding needs: the token at
-real-token count n (padding excluded) of a row sits at position n + delta.
+real-token count n (padding excluded) of a row sits at position n + delta. Qwen3-VL numbers its
+image tokens the same way (only its rotation of the ids differs, `TextConfig.mrope_interleaved`),
+and its tower also returns DeepStack features, which are added at the image tokens to the outputs
+of the first decoder layers.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import numpy as np
 from jigsaw_jax.models import adapters as adapters_lib
 from jigsaw_jax.models import decoder as decoder_lib
 from jigsaw_jax.models.config import ModelConfig
+from jigsaw_jax.models.qwen3_vl import vision as qwen3_vision
 
 Array = jax.Array
 Grid = Tuple[Tuple[int, int, int], ...]
@@ -117,7 +122,8 @@ def scatter_image_features(embeds: Array, is_image: Array, features: Array) -> A
 
 
 class VisionLanguageModel(nn.Module):
-  """Qwen2-VL / Qwen2.5-VL: `visual` (the vision tower) and `decoder` (the text decoder)."""
+  """Qwen2-VL / Qwen2.5-VL / Qwen3-VL: `visual` (the vision tower) and `decoder` (the text
+  decoder)."""
 
   cfg: ModelConfig
 
@@ -125,7 +131,10 @@ class VisionLanguageModel(nn.Module):
     cfg = self.cfg
     self.decoder = decoder_lib.TextDecoder(cfg.text, cfg.dtype, cfg.param_dtype, cfg.remat,
                                            cfg.attention_impl, cfg.adapter)
-    if cfg.vision is not None:
+    if cfg.vision is not None and cfg.vision.kind == "qwen3_vl":
+      self.visual = qwen3_vision.Qwen3VisionTower(cfg.vision, cfg.dtype, cfg.param_dtype,
+                                                  cfg.remat, cfg.attention_impl)
+    elif cfg.vision is not None:
       from jigsaw_jax.models import vision  # Imported here: text-only models never need it.
       self.visual = vision.VisionTower(cfg.vision, cfg.dtype, cfg.param_dtype, cfg.remat,
                                        cfg.attention_impl)
@@ -146,14 +155,22 @@ class VisionLanguageModel(nn.Module):
       adapters_enabled: bool = True,  # False: the base model alone (cfg.adapter's variables unused)
   ) -> decoder_lib.DecoderOutput:
     embeds = self.decoder.embed(input_ids)
+    deepstack = None
     if pixel_values is not None:
       if self.cfg.vision is None:
         raise ValueError("pixel_values given to a model without a vision tower (cfg.vision=None).")
       features = self.visual(pixel_values, _grid_tuple(image_grid_thw))
-      embeds = scatter_image_features(embeds, input_ids == self.cfg.image_token_id, features)
+      is_image = input_ids == self.cfg.image_token_id
+      if isinstance(features, qwen3_vision.VisionFeatures):
+        # DeepStack: zero away from the image tokens, so adding it leaves text untouched.
+        deepstack = [scatter_image_features(jnp.zeros_like(embeds), is_image, f)
+                     for f in features.deepstack] or None
+        features = features.merged
+      embeds = scatter_image_features(embeds, is_image, features)
     return self.decoder(embeds, positions, attn_mask, cache, return_hidden=return_hidden,
                         return_logits=return_logits, last_logits_only=last_logits_only,
-                        tap_layer=tap_layer, adapters_enabled=adapters_enabled)
+                        tap_layer=tap_layer, adapters_enabled=adapters_enabled,
+                        deepstack=deepstack)
 
 
 def dummy_inputs(cfg: ModelConfig) -> dict:

@@ -104,7 +104,8 @@ def reference_logits(directory: pathlib.Path, inputs: ParityInputs, cfg) -> np.n
   import torch
   import transformers
   model_cls = {"qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
-               "qwen2_vl": transformers.Qwen2VLForConditionalGeneration}[cfg.vision.kind]
+               "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+               "qwen3_vl": transformers.Qwen3VLForConditionalGeneration}[cfg.vision.kind]
   model = model_cls.from_pretrained(str(directory), dtype=torch.float32).eval()
   ids = torch.tensor(inputs.input_ids, dtype=torch.long)
   with torch.no_grad():

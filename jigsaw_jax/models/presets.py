@@ -1,13 +1,28 @@
-"""Named model shapes: the released Qwen-VL checkpoints and two CPU-sized models.
+"""Named model shapes: the released Qwen-VL checkpoints and CPU-sized models.
 
     cfg = presets.get_preset("qwen2_5_vl_3b", dtype="bfloat16")
     presets.count_params("qwen2_5_vl_3b")  # 3_754_622_976, without allocating anything
 
 The released shapes are those of the checkpoints' config.json (Qwen/Qwen2.5-VL-3B-Instruct,
 Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen2-VL-2B-Instruct); `hf_io.model_config_from_hf` on those
-files gives exactly these configs (tested). `tiny` and `small` keep Qwen2.5-VL's structure (window
-attention with full-attention blocks, M-RoPE, tied embeddings) at CPU scale, with the vocabulary
-and special-token ids of the tokenizer shipped in `assets/tokenizer_tiny`.
+files gives exactly these configs (tested).
+
+The Qwen3-VL presets are the dense Qwen/Qwen3-VL-{2B,4B,8B}-Instruct config.json values
+(text_config, vision_config; the 2B one as of revision 89644892e4d8):
+  2B: hidden 2048, intermediate 6144, 28 layers, 16 heads, 8 KV heads, tied embeddings; vision
+      depth 24, width 1024, MLP 4096, out 2048, DeepStack after blocks 5, 11, 17.
+  4B: hidden 2560, intermediate 9728, 36 layers, 32 heads, 8 KV heads, tied; the 2B's vision
+      tower with out 2560.
+  8B: hidden 4096, intermediate 12288, 36 layers, 32 heads, 8 KV heads, untied; vision depth 27,
+      width 1152, MLP 4304, out 4096, DeepStack after 8, 16, 24.
+  All: head_dim 128, rope_theta 5e6, interleaved mrope_section (24, 20, 20), vocab 151936; vision
+      patch 16, 16 heads, 2304 learned positions, gelu_pytorch_tanh.
+Their parameter counts (2,127,532,032 / 4,437,815,808 / 8,767,123,696) are the published sizes
+(tests/models/test_qwen3_vl.py).
+
+`tiny` and `small` keep Qwen2.5-VL's structure (window attention with full-attention blocks,
+M-RoPE, tied embeddings) at CPU scale, `qwen3_vl_tiny` Qwen3-VL's, with the vocabulary and
+special-token ids of the tokenizer shipped in `assets/tokenizer_tiny`.
 """
 
 from __future__ import annotations
@@ -56,6 +71,48 @@ def qwen2_vl_2b() -> ModelConfig:
       vision=VisionConfig(kind="qwen2_vl", depth=32, hidden_size=1280, intermediate_size=5120,
                           num_heads=16, out_hidden_size=1536, fullatt_block_indexes=(),
                           hidden_act="quick_gelu"))
+
+
+def _qwen3_vl(hidden, intermediate, layers, heads, tie, vision_depth, vision_hidden,
+              vision_intermediate, deepstack) -> ModelConfig:
+  return ModelConfig(
+      text=TextConfig(vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate,
+                      num_layers=layers, num_heads=heads, num_kv_heads=8, head_dim=128,
+                      rms_norm_eps=1e-6, rope_theta=5e6, mrope_section=(24, 20, 20),
+                      qkv_bias=False, qk_norm=True, mrope_interleaved=True,
+                      tie_word_embeddings=tie),
+      vision=VisionConfig(kind="qwen3_vl", depth=vision_depth, hidden_size=vision_hidden,
+                          intermediate_size=vision_intermediate, num_heads=16, patch_size=16,
+                          out_hidden_size=hidden, window_size=0, fullatt_block_indexes=(),
+                          hidden_act="gelu_pytorch_tanh", num_position_embeddings=2304,
+                          deepstack_visual_indexes=deepstack))
+
+
+def qwen3_vl_2b() -> ModelConfig:
+  return _qwen3_vl(2048, 6144, 28, 16, True, 24, 1024, 4096, (5, 11, 17))
+
+
+def qwen3_vl_4b() -> ModelConfig:
+  return _qwen3_vl(2560, 9728, 36, 32, True, 24, 1024, 4096, (5, 11, 17))
+
+
+def qwen3_vl_8b() -> ModelConfig:
+  return _qwen3_vl(4096, 12288, 36, 32, False, 27, 1152, 4304, (8, 16, 24))
+
+
+def qwen3_vl_tiny() -> ModelConfig:
+  """Qwen3-VL's structure (QK-norm, interleaved M-RoPE, learned vision positions, DeepStack into
+  the first two decoder layers) at `tiny`'s CPU scale, with the shipped tokenizer's ids."""
+  return ModelConfig(
+      text=TextConfig(vocab_size=_TINY_VOCAB, hidden_size=128, intermediate_size=384, num_layers=4,
+                      num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                      rope_theta=5e6, mrope_section=(6, 5, 5), qkv_bias=False, qk_norm=True,
+                      mrope_interleaved=True, tie_word_embeddings=True),
+      vision=VisionConfig(kind="qwen3_vl", depth=3, hidden_size=64, intermediate_size=128,
+                          num_heads=2, patch_size=16, out_hidden_size=128, window_size=0,
+                          fullatt_block_indexes=(), hidden_act="gelu_pytorch_tanh",
+                          num_position_embeddings=64, deepstack_visual_indexes=(0, 1)),
+      **_TINY_IDS)
 
 
 def tiny() -> ModelConfig:
@@ -118,6 +175,10 @@ PRESETS: Dict[str, Callable[[], ModelConfig]] = {
     "qwen2_5_vl_3b": qwen2_5_vl_3b,
     "qwen2_5_vl_7b": qwen2_5_vl_7b,
     "qwen2_vl_2b": qwen2_vl_2b,
+    "qwen3_vl_tiny": qwen3_vl_tiny,
+    "qwen3_vl_2b": qwen3_vl_2b,
+    "qwen3_vl_4b": qwen3_vl_4b,
+    "qwen3_vl_8b": qwen3_vl_8b,
 }
 
 

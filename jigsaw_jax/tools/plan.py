@@ -131,7 +131,9 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
   if vision_depth is not None:
     cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
         cfg.vision, depth=vision_depth, fullatt_block_indexes=tuple(
-            i for i in cfg.vision.fullatt_block_indexes if i < vision_depth)))
+            i for i in cfg.vision.fullatt_block_indexes if i < vision_depth),
+        deepstack_visual_indexes=tuple(
+            i for i in cfg.vision.deepstack_visual_indexes if i < vision_depth)))
   o, rl = config.optim, config.rl
   optimizer = optim_lib.make_optimizer(o.learning_rate, config.total_steps, o.warmup_steps,
                                        o.weight_decay, o.grad_clip, o.b1, o.b2, o.eps,
