@@ -166,8 +166,8 @@ class Ours:
     from jigsaw_jax.rl import advantages as advantages_lib
     from jigsaw_jax.rl import losses as losses_lib
     from jigsaw_jax.rl.steps import PolicySteps, make_optimizer
-    from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
-    from jigsaw_jax.rollout.sampling import SamplingConfig
+    from jigsaw_jax.generate.sampler import RolloutConfig, Sampler
+    from jigsaw_jax.generate.sampling import SamplingConfig
 
     self.work = work
     self.params, self.cfg = hf_io.load_hf(directory)

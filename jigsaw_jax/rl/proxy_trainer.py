@@ -38,6 +38,7 @@ from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.rl import advantages as advantages_lib
 from jigsaw_jax.rl import pretrain as pretrain_lib
 from jigsaw_jax.rl import proxy as proxy_lib
+from jigsaw_jax.rl import proxy_sampler
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl import components
 from jigsaw_jax.rl import trainer as grpo_trainer
@@ -62,7 +63,7 @@ class _PolicyWithProxy:
   """The Evaluator's sampler interface (`generate(params, batch, rng)`) for the frozen policy plus
   the proxy: `params` is the pair (policy params, proxy params)."""
 
-  def __init__(self, sampler: proxy_lib.ProxySampler, deterministic: bool):
+  def __init__(self, sampler: proxy_sampler.ProxySampler, deterministic: bool):
     self.sampler, self.deterministic = sampler, deterministic
 
   def generate(self, params, batch, rng):
@@ -81,7 +82,7 @@ def _update(optimizer, params, opt_state, grads):
           {"grad_norm": grad_norm, "finite": finite.astype(jnp.float32)})
 
 
-def _rows(rollout: proxy_lib.ProxyRollout, parts: int):
+def _rows(rollout: proxy_sampler.ProxyRollout, parts: int):
   rows = rollout.tokens.shape[0]
   if rows % parts:
     raise ValueError(f"{rows} episodes do not split into {parts} micro-batches; make "
@@ -91,7 +92,7 @@ def _rows(rollout: proxy_lib.ProxyRollout, parts: int):
           for i in range(parts)]
 
 
-def calibrate(config, proxy_params, sampler: proxy_lib.ProxySampler, policy, processor):
+def calibrate(config, proxy_params, sampler: proxy_sampler.ProxySampler, policy, processor):
   """The proxy's state statistics, from `proxy.calibration_batches` rollouts of the untrained
   proxy on puzzles of their own stream (so training sees the same batches as a GRPO run)."""
   batches = int(config.proxy.calibration_batches)
@@ -175,7 +176,7 @@ def train(config, workdir: str) -> Dict[str, Any]:
   # ----------------------------------------------------------------------------------------
   # Step functions.
   # ----------------------------------------------------------------------------------------
-  sampler = proxy_lib.ProxySampler(
+  sampler = proxy_sampler.ProxySampler(
       model_cfg, components.rollout_config(config, model_cfg, processor, group), pcfg, network)
   advantage_fn = advantages_lib.get(config.rl.advantage)
   lcfg = loss_config(config)
@@ -214,7 +215,7 @@ def train(config, workdir: str) -> Dict[str, Any]:
     r = config.rollout
     eval_rollout = dataclasses.replace(evaluator.sampler.cfg, sampling=dataclasses.replace(
         evaluator.sampler.cfg.sampling, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p))
-    with_proxy = _PolicyWithProxy(proxy_lib.ProxySampler(model_cfg, eval_rollout, pcfg, network),
+    with_proxy = _PolicyWithProxy(proxy_sampler.ProxySampler(model_cfg, eval_rollout, pcfg, network),
                                   bool(config.proxy.eval_deterministic))
 
   def run_eval(step: int, base: bool = False):

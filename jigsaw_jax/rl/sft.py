@@ -124,7 +124,7 @@ def train(config, workdir: str):
   from jigsaw_jax.models import adapters as adapters_lib
   from jigsaw_jax.rl import components, rollout_rewards
   from jigsaw_jax.rl.steps import make_optimizer
-  from jigsaw_jax.rollout.sampler import Sampler
+  from jigsaw_jax.generate.sampler import Sampler
 
   os.makedirs(workdir, exist_ok=True)
   writer = metrics_lib.create_writer(workdir)
