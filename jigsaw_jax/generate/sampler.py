@@ -14,7 +14,9 @@ Shaped for GRPO, where every prompt is sampled G times:
    default; Proxy-RLHF's accept/reject and FastMem's greedy / contrastive decoding pass theirs.
 
 `cache_layout="contiguous"` instead prefills a cache of prompt + max_new_tokens slots and repeats
-it G times (the layout Proxy-RLHF's and FastMem's decoders were checked with). Several parameter
+it G times: Proxy-RLHF's and FastMem's decoders use it, so that their outputs stay bit for bit
+what they were before they shared this loop (moving them onto the shared prefix is a speed change
+to make with its own check). Several parameter
 trees given as a tuple decode in lockstep, each on its own cache (FastMem+CD): the hook then
 reads a tuple of `ModelOutput`s.
 
@@ -31,14 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jigsaw_jax.generate import loop
+from jigsaw_jax.generate.hooks import SamplingHook
+from jigsaw_jax.generate.loop import ModelOutput, TokenHook
+from jigsaw_jax.generate.sampling import SamplingConfig
 from jigsaw_jax.models import decoder as decoder_lib
 from jigsaw_jax.models import mllm
 from jigsaw_jax.models.config import ModelConfig
 from jigsaw_jax.models.processing import PromptBatch
-from jigsaw_jax.generate import loop
-from jigsaw_jax.generate.hooks import Rollout, SamplingHook
-from jigsaw_jax.generate.loop import ModelOutput, TokenHook
-from jigsaw_jax.generate.sampling import SamplingConfig
 
 CACHE_LAYOUTS = ("shared_prefix", "contiguous")
 
