@@ -168,8 +168,8 @@ class Ours:
     from jigsaw_jax.rl.grpo.step import GrpoConfig, GrpoStep
     from jigsaw_jax.rl.optim import make_optimizer
     from jigsaw_jax.rl.policy_steps import PolicySteps
-    from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
-    from jigsaw_jax.rollout.sampling import SamplingConfig
+    from jigsaw_jax.generate.sampler import RolloutConfig, Sampler
+    from jigsaw_jax.generate.sampling import SamplingConfig
 
     self.work = work
     params, self.cfg = hf_io.load_hf(directory)

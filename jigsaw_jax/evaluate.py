@@ -27,8 +27,8 @@ from jigsaw_jax import data as data_lib
 from jigsaw_jax import fastmem as fastmem_lib
 from jigsaw_jax.models.processing import Processor, collate
 from jigsaw_jax.rl import rollout_rewards
-from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
-from jigsaw_jax.rollout.sampling import SamplingConfig
+from jigsaw_jax.generate.sampler import RolloutConfig, Sampler
+from jigsaw_jax.generate.sampling import SamplingConfig
 
 
 def _size(text: str) -> tuple[int, int]:

@@ -38,9 +38,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jigsaw_jax.models import mllm
+from jigsaw_jax.generate.hooks import GreedyHook
+from jigsaw_jax.generate.sampler import RolloutConfig, Sampler
 from jigsaw_jax.models.config import ModelConfig, TextConfig
-from jigsaw_jax.models.decoder import TextDecoder, init_cache
+from jigsaw_jax.models.decoder import TextDecoder
 from jigsaw_jax.models.processing import PromptBatch, PromptInputs, bucket_length, collate
 
 Params = Dict[str, Any]
@@ -268,21 +269,33 @@ def contrastive_logits(z_mem: jax.Array, z_orig: jax.Array, alpha: float) -> jax
   return (1.0 + alpha) * z_mem - alpha * z_orig
 
 
+@dataclasses.dataclass(frozen=True)
+class ContrastiveHook(GreedyHook):
+  """FastMem+CD's token choice: greedy on `contrastive_logits` of the two models that decode in
+  lockstep, (memorised, original)."""
+
+  alpha: float = 0.5
+
+  def scores(self, model_out) -> jax.Array:
+    memorised, original = model_out
+    return contrastive_logits(memorised.logits, original.logits, self.alpha)
+
+
 class GreedyDecoder:
   """Greedy decoding of a VisionLanguageModel (text-only when cfg.vision is None) with a KV
   cache; with `alpha > 0` each step also runs `orig_params` on its own cache and decodes
-  `contrastive_logits`. Same prompts, positions and stopping rule as the rollout Sampler."""
+  `contrastive_logits`. The rollout Sampler's prompts, positions and stopping rule: it is that
+  Sampler, with a greedy hook and one cache of prompt + max_new_tokens slots per row."""
 
   def __init__(self, model_cfg: ModelConfig, *, max_new_tokens: int, eos_ids: Sequence[int],
                pad_id: int, suppress_ids: Sequence[int] = (), alpha: float = 0.0):
-    self.model_cfg = model_cfg
-    self.model = mllm.VisionLanguageModel(model_cfg)
-    self.max_new_tokens = int(max_new_tokens)
-    self.eos_ids = tuple(int(e) for e in eos_ids) or (-1,)
-    self.pad_id = int(pad_id)
-    self.suppress_ids = tuple(int(s) for s in suppress_ids)
     self.alpha = float(alpha)
-    self._run = jax.jit(self._run_impl, static_argnames=("grid", "contrast"))
+    suppress_ids = tuple(int(s) for s in suppress_ids)
+    hook = (ContrastiveHook(suppress_ids, self.alpha) if self.alpha > 0
+            else GreedyHook(suppress_ids))
+    rollout = RolloutConfig(max_new_tokens=int(max_new_tokens), group_size=1,
+                            eos_ids=tuple(int(e) for e in eos_ids), pad_id=int(pad_id))
+    self.sampler = Sampler(model_cfg, rollout, hook, cache_layout="contiguous")
 
   def __call__(self, params: Params, batch: PromptBatch,
                orig_params: Optional[Params] = None) -> List[List[int]]:
@@ -290,61 +303,9 @@ class GreedyDecoder:
     contrast = self.alpha > 0
     if contrast and orig_params is None:
       raise ValueError("FastMem+CD (alpha > 0) needs orig_params, the unmemorised weights.")
-    index = mllm.rope_index(self.model_cfg, batch.input_ids, batch.image_grid_thw,
-                            batch.attention_mask)
-    grid = tuple(tuple(int(v) for v in g) for g in np.asarray(batch.image_grid_thw).reshape(-1, 3))
-    pixels = np.asarray(batch.pixel_values, np.float32) if grid else None
-    tokens, mask = self._run(params, orig_params if contrast else None,
-                             np.asarray(batch.input_ids, np.int32), index.positions,
-                             np.asarray(batch.attention_mask, np.int32), index.deltas, pixels,
-                             grid=grid, contrast=contrast)
-    return [row[m].tolist() for row, m in zip(np.asarray(tokens), np.asarray(mask))]
-
-  def _run_impl(self, params, orig_params, ids, positions, attn_mask, deltas, pixels, *, grid,
-                contrast):
-    rows, length = ids.shape
-    steps = self.max_new_tokens
-    dtype = jnp.dtype(self.model_cfg.dtype)
-    param_sets = (params, orig_params) if contrast else (params,)
-
-    def prefill(p):
-      cache = init_cache(self.model_cfg.text, rows, length + steps, dtype)
-      out = self.model.apply(p, ids, positions, attn_mask, pixels, grid or None, cache,
-                             last_logits_only=True)
-      return out.logits[:, -1], out.cache
-
-    def pick(logits):
-      z = logits[0] if not contrast else contrastive_logits(logits[0], logits[1], self.alpha)
-      if self.suppress_ids:
-        z = z.at[:, jnp.asarray(self.suppress_ids)].set(-jnp.inf)
-      return jnp.argmax(z, axis=-1).astype(jnp.int32)
-
-    first = [prefill(p) for p in param_sets]
-    eos = jnp.asarray(self.eos_ids, jnp.int32)
-
-    def cond(state):
-      step, _, _, _, done, _ = state
-      return (step < steps) & ~jnp.all(done)
-
-    def body(state):
-      step, logits, caches, tokens, done, mask = state
-      token = jnp.where(done, self.pad_id, pick(logits))
-      tokens = tokens.at[:, step].set(token)
-      mask = mask.at[:, step].set(~done)
-      done = done | jnp.isin(token, eos)
-      new_logits, new_caches = [], []
-      for p, cache in zip(param_sets, caches):
-        out = self.model.apply(p, token[:, None], mllm.decode_positions(cache, deltas),
-                               jnp.ones((rows, 1), jnp.int32), cache=cache)
-        new_logits.append(out.logits[:, -1])
-        new_caches.append(out.cache)
-      return step + 1, tuple(new_logits), tuple(new_caches), tokens, done, mask
-
-    state = (jnp.int32(0), tuple(l for l, _ in first), tuple(c for _, c in first),
-             jnp.full((rows, steps), self.pad_id, jnp.int32), jnp.zeros((rows,), bool),
-             jnp.zeros((rows, steps), bool))
-    _, _, _, tokens, _, mask = jax.lax.while_loop(cond, body, state)
-    return tokens, mask
+    out = self.sampler.generate((params, orig_params) if contrast else params, batch,
+                                jax.random.key(0))  # greedy: the key is never read
+    return [row[m].tolist() for row, m in zip(np.asarray(out.tokens), np.asarray(out.mask))]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -210,8 +210,8 @@ def test_cd_decoding_uses_both_models(setup):
 
 def test_greedy_decoder_equals_the_rollout_sampler(setup):
   from jigsaw_jax.models.processing import collate
-  from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
-  from jigsaw_jax.rollout.sampling import SamplingConfig
+  from jigsaw_jax.generate.sampler import RolloutConfig, Sampler
+  from jigsaw_jax.generate.sampling import SamplingConfig
   cfg, params, processor = setup
   rng = np.random.default_rng(0)
   prompts = [processor.encode_prompt("Solve the 2x1 puzzle.",

@@ -27,6 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jigsaw_jax.generate import loop as decode_loop
+from jigsaw_jax.generate.hooks import GreedyHook
+from jigsaw_jax.generate.loop import ModelOutput
 from jigsaw_jax.models import gguf_import
 from jigsaw_jax.models.config import TextConfig
 from jigsaw_jax.models.decoder import TextDecoder, cache_lengths, init_cache
@@ -78,31 +81,23 @@ def load_smollm2(path: Optional[PathLike] = None, *, param_dtype: str = "float32
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens"))
 def _greedy(params, input_ids, attn_mask, eos_ids, pad_id, *, cfg: TextConfig,
             max_new_tokens: int):
-  """Prefill the left-padded prompts into a KV cache, then argmax one token at a time."""
+  """Prefill the left-padded prompts into a KV cache, then the shared decode loop with argmax."""
   model = TextDecoder(cfg)
   batch, length = input_ids.shape
   cache = init_cache(cfg, batch, length + max_new_tokens)
   positions = jnp.maximum(jnp.cumsum(attn_mask, axis=-1) - 1, 0)  # left padding: 0 at the start
   out = model.apply(params, input_ids, positions, attn_mask, cache, last_logits_only=True)
-  tokens = jnp.full((batch, max_new_tokens), pad_id, jnp.int32)
-  done = jnp.zeros((batch,), jnp.bool_)
 
-  def cond(state):
-    step, _, _, _, done = state
-    return (step < max_new_tokens) & ~jnp.all(done)
-
-  def body(state):
-    step, logits, cache, tokens, done = state
-    token = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-    tokens = tokens.at[:, step].set(token)
-    done = done | jnp.isin(token, eos_ids)
+  def forward(token, cache):  # 1-D RoPE: the next position is the row's cached length
     out = model.apply(params, token[:, None], cache_lengths(cache)[:, None],
                       jnp.ones((batch, 1), jnp.int32), cache, last_logits_only=True)
-    return step + 1, out.logits[:, -1], out.cache, tokens, done
+    return ModelOutput(out.logits[:, -1]), out.cache
 
-  _, _, _, tokens, _ = jax.lax.while_loop(cond, body, (0, out.logits[:, -1], out.cache, tokens,
-                                                        done))
-  return tokens
+  hook = GreedyHook()
+  state = decode_loop.decode(forward, ModelOutput(out.logits[:, -1]), out.cache, hook,
+                             hook.prepare(None, None, batch, max_new_tokens),
+                             steps=max_new_tokens, eos=eos_ids, pad_id=pad_id)
+  return state.tokens
 
 
 def greedy_generate(cfg: TextConfig, params: Dict[str, Any], prompts: Sequence[Sequence[int]],

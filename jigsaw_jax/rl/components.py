@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from jigsaw_jax.rl.grpo import losses as losses_lib
 from jigsaw_jax.rl.optim import make_optimizer
-from jigsaw_jax.rollout.sampler import RolloutConfig
-from jigsaw_jax.rollout.sampling import SamplingConfig
+from jigsaw_jax.generate.sampler import RolloutConfig
+from jigsaw_jax.generate.sampling import SamplingConfig
 
 
 def loss_config(config) -> losses_lib.LossConfig:

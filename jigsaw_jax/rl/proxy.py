@@ -27,10 +27,8 @@ The MDP (where the paper is silent the choice is ours, documented here and confi
 * Reward: the puzzle reward of the finished answer, minus `rejection_cost` per rejection
   (proxy_trainer.py).
 
-Everything happens inside one jitted `lax.while_loop` over positions; the accept/reject retries of
-a position are an inner `lax.while_loop` (at most max_rejections + 1 tries, ended early once every
-row has accepted). Try 0 at each position uses the base sampler's key, so a proxy that always
-accepts reproduces `Sampler.generate` token for token.
+Decoding (proxy_sampler.py) is the shared decode loop with the proxy's accept/reject as its token
+hook; a proxy that always accepts reproduces `Sampler.generate` token for token.
 
 Training (proxy_trainer.py): the rollout records every decision with the state it was taken in,
 so the loss re-evaluates only the proxy, never the policy. Credit is group-relative over the G
@@ -40,7 +38,7 @@ against the episodes that reached it with the same tokens). `proxy_loss` has two
 opposite decision's log-prob instead of lowering its own, so for a binary action the update does
 not fade as the proxy grows confident).
 
-    sampler = ProxySampler(model_cfg, rollout_cfg, ProxyConfig(layer=-1, max_rejections=4))
+    sampler = proxy_sampler.ProxySampler(model_cfg, rollout_cfg, ProxyConfig(max_rejections=4))
     proxy_params = init_proxy(model_cfg, ProxyConfig(), jax.random.key(0))
     proxy_params = calibrate_from_rollouts(proxy_params, [sampler.generate(...)], embedding)
     out = sampler.generate(policy_params, proxy_params, prompt_batch, jax.random.key(1))
@@ -50,23 +48,16 @@ not fade as the proxy grows confident).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jigsaw_jax.models import decoder as decoder_lib
 from jigsaw_jax.models import layers
-from jigsaw_jax.models import mllm
 from jigsaw_jax.models.config import ModelConfig
-from jigsaw_jax.models.processing import PromptBatch
-from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler, repeat_prompts
-from jigsaw_jax.rollout.sampling import filter_logits
 
-_NEG_INF = -1e30  # what filter_logits writes outside the plausible set
-_OUTSIDE = -1e25  # below this a (temperature-scaled) logit is outside the plausible set
 FALLBACKS = ("sample", "first_rejected")
 OBJECTIVES = ("mirrored", "reinforce")
 
@@ -253,195 +244,6 @@ def embedding_table(params: Any) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------------
-# The decode loop with accept / reject.
-# ---------------------------------------------------------------------------------------------
-
-
-class ProxyRollout(NamedTuple):
-  """G adjacent episodes per prompt (row p*G + g), with every decision the proxy took.
-
-  K = max_rejections + 1 tries per position; decision (row, t, k) is the k-th candidate of
-  position t.
-  """
-
-  tokens: jax.Array  # int32 [B, T]: the accepted tokens; pad after the first EOS
-  logprobs: jax.Array  # float32 [B, T]: the policy's log softmax(logits / T) at each token
-  mask: jax.Array  # bool [B, T]: completion tokens up to and including the first EOS
-  lengths: jax.Array  # int32 [B]
-  states: jax.Array  # [B, T, E]: the policy state the proxy read at each position
-  candidates: jax.Array  # int32 [B, T, K]
-  accepted: jax.Array  # bool [B, T, K]
-  asked: jax.Array  # bool [B, T, K]: the proxy decided (not forced, row still running)
-  decision_logp: jax.Array  # float32 [B, T, K]: log pi_proxy(decision) when sampled
-  rejections: jax.Array  # int32 [B, T]: rejections at each position
-
-
-def _try_keys(step_keys: jax.Array, t: jax.Array) -> jax.Array:
-  """Try 0 uses the position's own key (the base sampler's); later tries fold in t."""
-  later = jax.vmap(jax.random.fold_in, in_axes=(0, None))(step_keys, t)
-  data = jnp.where(t == 0, jax.random.key_data(step_keys), jax.random.key_data(later))
-  return jax.random.wrap_key_data(data, impl=jax.random.key_impl(step_keys))
-
-
-class ProxySampler(Sampler):
-  """The rollout engine of `Sampler` with a proxy in the loop (shared prefill, KV cache, EOS).
-
-  `network` defaults to `ProxyNetwork`; any flax module mapping (state [..., E], candidate
-  embedding [..., E]) to an accept logit [...] works (the tests script one).
-  """
-
-  def __init__(self, model_cfg: ModelConfig, cfg: RolloutConfig, proxy_cfg: ProxyConfig,
-               network: Optional[nn.Module] = None):
-    super().__init__(model_cfg, cfg)
-    self.proxy_cfg = proxy_cfg
-    self.network = network or network_for(proxy_cfg, model_cfg)
-    self.tap = proxy_cfg.tap_layer(model_cfg.text.num_layers)
-    self._prefill = jax.jit(self._prefill_impl, static_argnames=("grid", "cache_len"))
-    self._decode = jax.jit(self._decode_impl, donate_argnames=("cache",),
-                           static_argnames=("deterministic",))
-
-  def generate(self, params, proxy_params, batch: PromptBatch, rng: jax.Array,
-               deterministic: bool = False) -> ProxyRollout:
-    """Samples `group_size` episodes per prompt row of `batch` (left-padded).
-
-    `deterministic=True` makes the proxy accept iff p(accept) >= 0.5 (evaluation); the
-    candidates follow `cfg.sampling` either way (greedy there proposes the best remaining token).
-    """
-    group = self.cfg.group_size
-    if not self.cfg.share_prefill and group > 1:
-      batch = repeat_prompts(batch, group, self.model_cfg.image_token_id)
-      group = 1
-    prompts = self._prepare(batch)
-    rows, length = prompts.input_ids.shape
-    self._shapes.add((rows, length, prompts.grid))
-    logits, state, cache = self._prefill(
-        params, prompts.input_ids, prompts.positions, prompts.attn_mask, prompts.pixel_values,
-        grid=prompts.grid, cache_len=length + self.cfg.max_new_tokens)
-    if group > 1:
-      logits, state, cache = jax.tree_util.tree_map(
-          lambda x: jnp.repeat(x, group, axis=0) if x.ndim else x, (logits, state, cache))
-    deltas = jnp.repeat(jnp.asarray(prompts.deltas), group)
-    rollout, _ = self._decode(params, proxy_params, logits, state, cache, deltas, rng,
-                              deterministic=deterministic)
-    return rollout
-
-  # -- jitted ------------------------------------------------------------------------------
-
-  def _prefill_impl(self, params, input_ids, positions, attn_mask, pixel_values, *, grid,
-                    cache_len):
-    cache = decoder_lib.init_cache(self.model_cfg.text, input_ids.shape[0], cache_len,
-                                   jnp.dtype(self.model_cfg.dtype))
-    out = self.model.apply(params, input_ids, positions, attn_mask, pixel_values,
-                           grid or None, cache, last_logits_only=True, tap_layer=self.tap)
-    return out.logits[:, -1], out.tapped[:, -1], out.cache
-
-  def _choose(self, proxy_params, embedding, allowed, state, step_keys, decide_keys, done,
-              deterministic):
-    """One position: candidates and accept/reject decisions until every row has a token.
-
-    Returns the chosen tokens [B] and this position's per-try records ([B, K] each).
-    """
-    cfg, tries = self.proxy_cfg, self.proxy_cfg.max_rejections + 1
-    rows = allowed.shape[0]
-    plausible = allowed > _OUTSIDE
-    zeros = lambda dtype: jnp.zeros((rows, tries), dtype)
-
-    def cond(s):
-      return (s[0] < tries) & ~jnp.all(s[2])
-
-    def body(s):
-      t, banned, settled, chosen, first, n_rej, cands, acc, asked, logp = s
-      masked = jnp.where(banned, _NEG_INF, allowed)
-      if self.cfg.sampling.greedy:
-        cand = jnp.argmax(masked, axis=-1).astype(jnp.int32)
-      else:
-        cand = jax.vmap(jax.random.categorical)(_try_keys(step_keys, t), masked).astype(jnp.int32)
-      capped = n_rej >= cfg.max_rejections
-      if cfg.fallback == "first_rejected":
-        cand = jnp.where(capped, first, cand)
-      remaining = jnp.sum(plausible & ~banned, axis=-1)
-      forced = capped | (remaining <= 1)
-      logit = self.network.apply(proxy_params, state, jnp.take(embedding, cand, axis=0))
-      if deterministic:
-        accept = logit >= 0.0
-      else:
-        u = jax.vmap(jax.random.uniform)(
-            jax.vmap(jax.random.fold_in, in_axes=(0, None))(decide_keys, t))
-        accept = u < jax.nn.sigmoid(logit)
-      ask = ~settled & ~forced
-      accept = accept | forced
-      reject = ~settled & ~accept
-      dlogp = jnp.where(accept, jax.nn.log_sigmoid(logit), jax.nn.log_sigmoid(-logit))
-      banned = banned | (jax.nn.one_hot(cand, allowed.shape[-1], dtype=jnp.bool_)
-                         & reject[:, None])
-      first = jnp.where(reject & (n_rej == 0), cand, first)
-      chosen = jnp.where(~settled & accept, cand, chosen)
-      return (t + 1, banned, settled | accept, chosen, first, n_rej + reject.astype(jnp.int32),
-              cands.at[:, t].set(cand), acc.at[:, t].set(accept & ~settled),
-              asked.at[:, t].set(ask), logp.at[:, t].set(jnp.where(ask, dlogp, 0.0)))
-
-    init = (jnp.int32(0), jnp.zeros(allowed.shape, jnp.bool_), done,
-            jnp.full((rows,), self.cfg.pad_id, jnp.int32), jnp.zeros((rows,), jnp.int32),
-            jnp.zeros((rows,), jnp.int32), jnp.full((rows, tries), self.cfg.pad_id, jnp.int32),
-            zeros(jnp.bool_), zeros(jnp.bool_), zeros(jnp.float32))
-    _, _, _, chosen, _, n_rej, cands, acc, asked, logp = jax.lax.while_loop(cond, body, init)
-    return chosen, n_rej, cands, acc, asked, logp
-
-  def _decode_impl(self, params, proxy_params, logits, state, cache, deltas, rng, *,
-                   deterministic):
-    cfg = self.cfg
-    rows, steps, tries = logits.shape[0], cfg.max_new_tokens, self.proxy_cfg.max_rejections + 1
-    row_keys = jax.random.split(rng, rows)  # as Sampler: try 0 draws the base sampler's token
-    decide_root = jax.random.split(jax.random.fold_in(rng, 0x9E3779B9), rows)
-    eos = jnp.asarray(cfg.eos_ids or (-1,), jnp.int32)
-    embedding = embedding_table(params)
-    fold = jax.vmap(jax.random.fold_in, in_axes=(0, None))
-
-    def cond(s):
-      return (s[0] < steps) & ~jnp.all(s[5])
-
-    def body(s):
-      step, logits, state, cache, out, done = s
-      logits = logits.astype(jnp.float32)
-      chosen, n_rej, cands, acc, asked, dlogp = self._choose(
-          proxy_params, embedding, filter_logits(logits, cfg.sampling), state,
-          fold(row_keys, step), fold(decide_root, step), done, deterministic)
-      token = jnp.where(done, cfg.pad_id, chosen)
-      full = jax.nn.log_softmax(logits / cfg.sampling.temperature, axis=-1)
-      logp = jnp.take_along_axis(full, token[:, None], axis=-1)[:, 0]
-      out = dict(
-          tokens=out["tokens"].at[:, step].set(token),
-          logprobs=out["logprobs"].at[:, step].set(jnp.where(done, 0.0, logp)),
-          mask=out["mask"].at[:, step].set(~done),
-          states=out["states"].at[:, step].set(state.astype(out["states"].dtype)),
-          candidates=out["candidates"].at[:, step].set(cands),
-          accepted=out["accepted"].at[:, step].set(acc),
-          asked=out["asked"].at[:, step].set(asked),
-          decision_logp=out["decision_logp"].at[:, step].set(dlogp),
-          rejections=out["rejections"].at[:, step].set(n_rej))
-      if cfg.stop_at_eos:
-        done = done | jnp.isin(token, eos)
-      positions = mllm.decode_positions(cache, deltas)
-      o = self.model.apply(params, token[:, None], positions, jnp.ones((rows, 1), jnp.int32),
-                           cache=cache, tap_layer=self.tap)
-      return step + 1, o.logits[:, -1], o.tapped[:, -1], o.cache, out, done
-
-    per_try = lambda dtype, fill=0: jnp.full((rows, steps, tries), fill, dtype)
-    out = dict(
-        tokens=jnp.full((rows, steps), cfg.pad_id, jnp.int32),
-        logprobs=jnp.zeros((rows, steps), jnp.float32), mask=jnp.zeros((rows, steps), bool),
-        states=jnp.zeros((rows, steps, state.shape[-1]), state.dtype),
-        candidates=per_try(jnp.int32, cfg.pad_id), accepted=per_try(jnp.bool_),
-        asked=per_try(jnp.bool_), decision_logp=per_try(jnp.float32),
-        rejections=jnp.zeros((rows, steps), jnp.int32))
-    init = (jnp.int32(0), logits, state, cache, out, jnp.zeros((rows,), bool))
-    _, _, _, cache, out, _ = jax.lax.while_loop(cond, body, init)
-    # Positions after a row's EOS were never visited; their rejection counts stay 0.
-    lengths = out["mask"].sum(-1).astype(jnp.int32)
-    return ProxyRollout(lengths=lengths, **out), cache
-
-
-# ---------------------------------------------------------------------------------------------
 # The policy-gradient loss on the decisions.
 # ---------------------------------------------------------------------------------------------
 
@@ -478,9 +280,10 @@ def decision_logits(network: nn.Module, proxy_params, embedding: jax.Array, stat
                        method=lambda m, s, c: m.readout(s, c))
 
 
-def proxy_loss(network: nn.Module, proxy_params, embedding: jax.Array, rollout: ProxyRollout,
+def proxy_loss(network: nn.Module, proxy_params, embedding: jax.Array, rollout: Any,
                advantages: jax.Array, cfg: ProxyLossConfig = ProxyLossConfig()):
-  """Policy gradient on the accept/reject decisions with group-relative advantages.
+  """Policy gradient on the accept/reject decisions of `rollout` (a proxy_sampler.ProxyRollout)
+  with group-relative advantages.
 
   `advantages` is per episode [B] (every decision of an episode shares its GRPO advantage) or per
   position [B, T] (`prefix_advantages`). The policy's embedding and states enter through

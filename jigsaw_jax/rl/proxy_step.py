@@ -24,6 +24,7 @@ from jigsaw_jax import metrics as metrics_lib
 from jigsaw_jax.models.processing import Processor
 from jigsaw_jax.rl.grpo import advantages as advantages_lib
 from jigsaw_jax.rl import proxy as proxy_lib
+from jigsaw_jax.rl import proxy_sampler
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl.grpo.step import RewardFn
 from jigsaw_jax.rl.optim import guarded_update
@@ -69,14 +70,14 @@ class ProxyRecords:
   texts: List[str]
   scores: Dict[str, np.ndarray]
   rewards: np.ndarray
-  rollout: proxy_lib.ProxyRollout
+  rollout: proxy_sampler.ProxyRollout
 
   @property
   def generated_tokens(self) -> int:
     return int(np.asarray(self.rollout.mask).sum())
 
 
-def split_episodes(rollout: proxy_lib.ProxyRollout, parts: int) -> List[proxy_lib.ProxyRollout]:
+def split_episodes(rollout: proxy_sampler.ProxyRollout, parts: int) -> List[proxy_sampler.ProxyRollout]:
   """`parts` consecutive row blocks of a rollout (micro-batches)."""
   rows = rollout.tokens.shape[0]
   if rows % parts:
@@ -90,7 +91,7 @@ def split_episodes(rollout: proxy_lib.ProxyRollout, parts: int) -> List[proxy_li
 class ProxyStep:
   """The Proxy-RLHF step for a frozen `policy`, its proxy `network` and `optimizer`."""
 
-  def __init__(self, cfg: ProxyStepConfig, sampler: proxy_lib.ProxySampler, network,
+  def __init__(self, cfg: ProxyStepConfig, sampler: proxy_sampler.ProxySampler, network,
                loss_cfg: proxy_lib.ProxyLossConfig, optimizer, policy, processor: Processor,
                rewards: RewardFn, max_rejections: int):
     self.cfg, self.sampler, self.policy, self.processor = cfg, sampler, policy, processor

@@ -36,6 +36,7 @@ from jigsaw_jax.rl import components
 from jigsaw_jax.rl import loop as loop_lib
 from jigsaw_jax.sft import pretrain as pretrain_lib
 from jigsaw_jax.rl import proxy as proxy_lib
+from jigsaw_jax.rl import proxy_sampler
 from jigsaw_jax.rl import proxy_step as proxy_step_lib
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl.grpo import train as grpo_trainer
@@ -60,7 +61,7 @@ class _PolicyWithProxy:
   """The Evaluator's sampler interface (`generate(params, batch, rng)`) for the frozen policy plus
   the proxy: `params` is the pair (policy params, proxy params)."""
 
-  def __init__(self, sampler: proxy_lib.ProxySampler, deterministic: bool):
+  def __init__(self, sampler: proxy_sampler.ProxySampler, deterministic: bool):
     self.sampler, self.deterministic = sampler, deterministic
 
   def generate(self, params, batch, rng):
@@ -68,7 +69,7 @@ class _PolicyWithProxy:
     return self.sampler.generate(policy, proxy, batch, rng, deterministic=self.deterministic)
 
 
-def calibrate(config, proxy_params, sampler: proxy_lib.ProxySampler, policy, processor):
+def calibrate(config, proxy_params, sampler: proxy_sampler.ProxySampler, policy, processor):
   """The proxy's state statistics, from `proxy.calibration_batches` rollouts of the untrained
   proxy on puzzles of their own stream (so training sees the same batches as a GRPO run)."""
   batches = int(config.proxy.calibration_batches)
@@ -146,7 +147,7 @@ def train(config, workdir: str, rewards: Optional[grpo_step_lib.RewardFn] = None
   # ----------------------------------------------------------------------------------------
   # Step functions.
   # ----------------------------------------------------------------------------------------
-  sampler = proxy_lib.ProxySampler(
+  sampler = proxy_sampler.ProxySampler(
       model_cfg, components.rollout_config(config, model_cfg, processor, group), pcfg, network)
   proxy_step = proxy_step_lib.ProxyStep(
       proxy_step_lib.ProxyStepConfig.from_config(config), sampler, network, loss_config(config),
@@ -180,7 +181,7 @@ def train(config, workdir: str, rewards: Optional[grpo_step_lib.RewardFn] = None
     r = config.rollout
     eval_rollout = dataclasses.replace(evaluator.sampler.cfg, sampling=dataclasses.replace(
         evaluator.sampler.cfg.sampling, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p))
-    with_proxy = _PolicyWithProxy(proxy_lib.ProxySampler(model_cfg, eval_rollout, pcfg, network),
+    with_proxy = _PolicyWithProxy(proxy_sampler.ProxySampler(model_cfg, eval_rollout, pcfg, network),
                                   bool(config.proxy.eval_deterministic))
 
   def run_eval(step: int, state, base: bool = False):

@@ -16,7 +16,7 @@ import numpy as np
 from jigsaw_jax.models import mllm
 from jigsaw_jax.models.config import ModelConfig
 from jigsaw_jax.models.processing import PromptBatch
-from jigsaw_jax.rollout.sampler import repeat_prompts
+from jigsaw_jax.generate.sampler import repeat_prompts
 
 
 class SequenceBatch(NamedTuple):

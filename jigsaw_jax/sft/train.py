@@ -18,7 +18,7 @@ from jigsaw_jax.models import adapters as adapters_lib
 from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.models.processing import collate
 from jigsaw_jax.rl import components, rollout_rewards
-from jigsaw_jax.rollout.sampler import Sampler
+from jigsaw_jax.generate.sampler import Sampler
 from jigsaw_jax.sft import pretrain as pretrain_lib
 from jigsaw_jax.sft.steps import SupervisedSteps, answer_text, supervised_batch
 

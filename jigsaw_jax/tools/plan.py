@@ -119,8 +119,8 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
   from jigsaw_jax.rl.grpo import losses
   from jigsaw_jax.rl import optim as optim_lib
   from jigsaw_jax.rl.policy_steps import PolicySteps
-  from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
-  from jigsaw_jax.rollout.sampling import SamplingConfig
+  from jigsaw_jax.generate.sampler import RolloutConfig, Sampler
+  from jigsaw_jax.generate.sampling import SamplingConfig
 
   m = config.model
   cfg = presets.get_preset(preset, dtype=m.dtype, param_dtype=m.param_dtype, remat=bool(m.remat),
@@ -227,15 +227,18 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
     # between); the prompt cache stays one row per prompt, shared read-only by its G rows, and
     # decode allocates its own max_new_tokens slots per row (counted in its temporaries).
     total = prompts * group
-    logits, cache = shapes
-    logits = jax.ShapeDtypeStruct((total,) + logits.shape[1:], logits.dtype)
-    logits, cache = _abstract((logits, cache), _rows_first((logits, cache), mesh))
+    first, cache = shapes
+    first = first._replace(logits=jax.ShapeDtypeStruct((total,) + first.logits.shape[1:],
+                                                       first.logits.dtype))
+    first, cache = _abstract((first, cache), _rows_first((first, cache), mesh))
     key = jax.eval_shape(lambda: jax.random.key(0))
-    decode_in = (params, logits, cache, row((total,), jnp.int32),
+    decode_in = (params, first, cache, row((total,), jnp.int32),
                  jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep))
+    decode_fn = lambda p, out, c, d, k: sampler._decode_impl(p, None, out, c, d, k,
+                                                             hook=sampler.hook)
     with policy._context():
-      decode_shapes = jax.eval_shape(sampler._decode_impl, *decode_in)
-      decode = jax.jit(sampler._decode_impl, out_shardings=_rows_first(decode_shapes, mesh))
+      decode_shapes = jax.eval_shape(decode_fn, *decode_in)
+      decode = jax.jit(decode_fn, out_shardings=_rows_first(decode_shapes, mesh))
       start = time.time()
       compiled = decode.lower(*decode_in).compile()
     out["decode_temp"] = _temp(compiled)

@@ -19,8 +19,8 @@ from jigsaw_jax.models import hf_io, mllm, presets, rope
 from jigsaw_jax.models.processing import PromptBatch
 from jigsaw_jax.models.qwen3_vl import hf as qwen3_vl_hf
 from jigsaw_jax.models.qwen3_vl import vision as qwen3_vision
-from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
-from jigsaw_jax.rollout.sampling import SamplingConfig
+from jigsaw_jax.generate.sampler import RolloutConfig, Sampler
+from jigsaw_jax.generate.sampling import SamplingConfig
 from tests.models.test_hf_io import _copy, _rewrite, _tensors
 from tests.models.test_mllm import IMAGE, VIDEO, START, END, VOCAB, hf_forward, make_batch, \
     our_forward, randomize
@@ -241,20 +241,19 @@ def test_presets_are_the_published_shapes():
 
 
 @pytest.mark.slow
-def test_tiny_jigsaw_config_runs_grpo_steps_with_the_qwen3_vl_policy(tmp_path, monkeypatch):
+def test_tiny_jigsaw_config_runs_grpo_steps_with_the_qwen3_vl_policy(tmp_path):
   """`configs/jigsaw_2x1.py:tiny,model.preset=qwen3_vl_tiny`: two GRPO steps through the real
   trainer (sampler, scoring with the shared prompt cache, update) with a finite, non-zero
   gradient."""
   from configs import jigsaw_2x1
-  from jigsaw_jax.rl import trainer
-  real = trainer.rollout_rewards.score_texts
+  from jigsaw_jax.rl import rollout_rewards
+  from jigsaw_jax.rl.grpo import train as trainer
   noise = np.random.RandomState(0)
 
-  def score_texts(*args, **kwargs):  # A random policy scores 0 everywhere: add noise to learn.
-    scores = real(*args, **kwargs)
+  def score_texts(puzzles, texts, group):  # A random policy scores 0 everywhere: add noise.
+    scores = rollout_rewards.score_texts(puzzles, texts, group)
     scores["total"] = scores["total"] + noise.rand(*scores["total"].shape).astype(np.float32)
     return scores
-  monkeypatch.setattr(trainer.rollout_rewards, "score_texts", score_texts)
 
   c = jigsaw_2x1.get_config("tiny,model.preset=qwen3_vl_tiny")
   c.total_steps = 2
@@ -264,7 +263,7 @@ def test_tiny_jigsaw_config_runs_grpo_steps_with_the_qwen3_vl_policy(tmp_path, m
   c.data.pipeline.prompts_per_batch = 2
   c.data.pipeline.group_size = 2
   c.rollout.max_new_tokens = 4
-  metrics = trainer.train_and_evaluate(c, str(tmp_path))
+  metrics = trainer.train_and_evaluate(c, str(tmp_path), rewards=score_texts)
   assert np.isfinite(metrics["loss"]) and metrics["skipped_update"] == 0.0
   assert metrics["grad_norm"] > 0
 

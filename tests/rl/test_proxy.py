@@ -12,8 +12,9 @@ import pytest
 from jigsaw_jax.models import mllm, presets
 from jigsaw_jax.models.processing import Processor, collate
 from jigsaw_jax.rl import proxy as proxy_lib
-from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
-from jigsaw_jax.rollout.sampling import SamplingConfig
+from jigsaw_jax.rl import proxy_sampler
+from jigsaw_jax.generate.sampler import RolloutConfig, Sampler
+from jigsaw_jax.generate.sampling import SamplingConfig
 
 ACCEPT, REJECT = 1e4, -1e4  # logits whose sigmoid is exactly 1 / 0 in float32
 STEPS, GROUP = 6, 3
@@ -54,7 +55,7 @@ def setup():
 @pytest.fixture(scope="module")
 def sampler(setup):
   cfg, _, _, rollout_cfg, _ = setup
-  return proxy_lib.ProxySampler(cfg, rollout_cfg(), proxy_lib.ProxyConfig(max_rejections=3),
+  return proxy_sampler.ProxySampler(cfg, rollout_cfg(), proxy_lib.ProxyConfig(max_rejections=3),
                                 ScriptedProxy())
 
 
@@ -107,7 +108,7 @@ def test_the_rejection_cap_holds_then_the_fallback_samples(setup, sampler):
 
 def test_first_rejected_fallback_overrules_the_veto(setup):
   cfg, params, batch, rollout_cfg, base = setup
-  sampler = proxy_lib.ProxySampler(
+  sampler = proxy_sampler.ProxySampler(
       cfg, rollout_cfg(), proxy_lib.ProxyConfig(max_rejections=2, fallback="first_rejected"),
       ScriptedProxy())
   out = sampler.generate(params, scripted(REJECT, _no_target(cfg)), batch, jax.random.key(5))
@@ -118,7 +119,7 @@ def test_first_rejected_fallback_overrules_the_veto(setup):
 
 def test_the_proxy_cannot_empty_the_plausible_set(setup):
   cfg, params, batch, rollout_cfg, _ = setup
-  sampler = proxy_lib.ProxySampler(cfg, rollout_cfg(top_k=3), proxy_lib.ProxyConfig(
+  sampler = proxy_sampler.ProxySampler(cfg, rollout_cfg(top_k=3), proxy_lib.ProxyConfig(
       max_rejections=5), ScriptedProxy())
   out = sampler.generate(params, scripted(REJECT, _no_target(cfg)), batch, jax.random.key(5))
   mask = np.asarray(out.mask)

@@ -36,7 +36,7 @@ from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl.sequences import build_sequences, split_rows
 from jigsaw_jax.rl.optim import mean_trees
 from jigsaw_jax.rl.policy_steps import PolicySteps
-from jigsaw_jax.rollout.sampler import Sampler
+from jigsaw_jax.generate.sampler import Sampler
 
 # (puzzles, completion texts, G) -> {accuracy, format, correct, total}: each [P, G] float32.
 RewardFn = Callable[[Sequence[Any], Sequence[str], int], Dict[str, np.ndarray]]

@@ -9,8 +9,8 @@ import transformers
 
 from jigsaw_jax.models import hf_io, presets
 from jigsaw_jax.models.processing import Processor, collate
-from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
-from jigsaw_jax.rollout.sampling import SamplingConfig, filter_logits, sample_tokens
+from jigsaw_jax.generate.sampler import RolloutConfig, Sampler
+from jigsaw_jax.generate.sampling import SamplingConfig, filter_logits, sample_tokens
 
 
 def _mm_token_types(input_ids, cfg):
@@ -164,7 +164,7 @@ def test_sampling_frequencies_match_the_softmax(cfg, support):
 
 
 def test_kth_largest_equals_top_k_including_ties_and_negatives():
-  from jigsaw_jax.rollout.sampling import kth_largest
+  from jigsaw_jax.generate.sampling import kth_largest
   rng = np.random.default_rng(0)
   x = rng.normal(0, 3, (64, 300)).astype(np.float32)
   x[:8, :40] = 1.5  # ties around the threshold
