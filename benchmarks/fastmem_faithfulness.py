@@ -2,7 +2,7 @@
 
     python benchmarks/fastmem_faithfulness.py --out /tmp/fastmem_faithfulness.json
 
-1. Tuning: on the `tune` split of jigsaw_jax/faithfulness.py (every `--tune_every`-th item),
+1. Tuning: on the `tune` split of jigsaw_jax/fastmem/faithfulness.py (every `--tune_every`-th item),
    every (lr, λ) of the grid is memorised once for max(steps) steps, with snapshots at each entry
    of `--steps` (a constant-lr run's first 10 steps are its 10-step run), and each snapshot is
    decoded plain (FastMem) and contrastively (FastMem+CD, α = --alpha). The best setting of each
@@ -31,9 +31,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 
-from jigsaw_jax import faithfulness  # noqa: E402
+from jigsaw_jax.fastmem import faithfulness  # noqa: E402
 from jigsaw_jax import fastmem  # noqa: E402
-from jigsaw_jax.models import smollm2  # noqa: E402
+from jigsaw_jax.fastmem import smollm2  # noqa: E402
 
 
 def _floats(text):

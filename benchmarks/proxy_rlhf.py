@@ -76,7 +76,6 @@ def main():
 
   from jigsaw_jax import configlib, main as main_lib
   from jigsaw_jax.models import presets
-  from jigsaw_jax.rl import proxy as proxy_lib
 
   common = {"eval.num_puzzles": args.eval_puzzles, "eval.sizes": tuple(args.sizes.split(",")),
             "eval.every_steps": 0, "eval.at_start": True, "eval.at_end": True,

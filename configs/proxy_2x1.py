@@ -27,7 +27,7 @@ def get_config(arg=None):
   c.data.pipeline.puzzle.think = False
   c.eval.sizes = ("2x1", "1x2", "3x1", "4x1", "2x2", "3x3")
 
-  # The MDP and the proxy network (jigsaw_jax/rl/proxy.py documents every choice). The plausible
+  # The MDP and the proxy network (jigsaw_jax/rl/proxy/ documents every choice). The plausible
   # set the policy proposes from is the rollout's temperature / top_k / top_p.
   c.proxy = ml_collections.ConfigDict(dict(
       layer=-1,  # the policy residual stream it reads: entering this layer; -1 = after the last
@@ -38,7 +38,7 @@ def get_config(arg=None):
       fallback="sample",  # past the cap: sample | first_rejected
       rejection_cost=0.0,  # subtracted from the episode's reward per rejection
       credit="prefix",  # prefix: per-position group baselines | episode: GRPO's, one per episode
-      objective="mirrored",  # mirrored | reinforce (jigsaw_jax/rl/proxy.py, proxy_loss)
+      objective="mirrored",  # mirrored | reinforce (jigsaw_jax/rl/proxy/, proxy_loss)
       aggregation="episode_mean",  # episode_mean | decision_mean
       entropy_coef=0.0,
       eval_deterministic=True,  # evaluation: accept iff p(accept) >= 0.5 (candidates greedy)

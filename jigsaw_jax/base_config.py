@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
       sizes=("2x1", "3x1", "4x1", "2x2"), question_types=("full",), thinks=(False,),
       num_puzzles=1000, seed=0, shuffle_mn=False, max_new_tokens=512, batch_size=32, prompt_bucket=64,
       every_steps=0, at_start=True, at_end=True))
-  # FastMem (jigsaw_jax/fastmem.py): before answering each puzzle, a few AdamW steps on the
+  # FastMem (jigsaw_jax/fastmem/): before answering each puzzle, a few AdamW steps on the
   # likelihood of its prompt text (as an assistant turn), training only the last `layers` FFNs;
   # the paper's QA setting (lr 1e-5, 10 steps, KL weight 0.1). cd_alpha > 0 (paper: 0.5) decodes
   # (1 + a) z_mem - a z_orig (FastMem+CD).

@@ -25,7 +25,7 @@ TASKS = {
     "grpo": "jigsaw_jax.rl.grpo.train:train_and_evaluate",
     "sft": "jigsaw_jax.sft.train:train",
     "eval": "jigsaw_jax.evaluate:run",
-    "proxy": "jigsaw_jax.rl.proxy_trainer:train",
+    "proxy": "jigsaw_jax.rl.proxy.train:train",
 }
 
 

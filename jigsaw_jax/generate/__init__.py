@@ -6,6 +6,6 @@
   sampling.py  the token choice from logits: temperature, top-k, top-p, per-row keys
   sampler.py   the entry point for the MLLM: host preparation, prefill, cache layout, `generate`
 
-The other hooks live with their methods: rl/proxy_sampler.py (Proxy-RLHF's accept/reject),
-fastmem.py (FastMem's contrastive decoding); models/smollm2.py runs the loop on a text LM.
+The other hooks live with their methods: rl/proxy/sampler.py (Proxy-RLHF's accept/reject),
+fastmem/decode.py (FastMem's contrastive decoding); fastmem/smollm2.py runs the loop on a text LM.
 """

@@ -1,6 +1,6 @@
 """The plain token choices for the decode loop: sampling (the rollout's) and greedy (argmax).
 
-The other hooks live with their methods: Proxy-RLHF's accept/reject in rl/proxy.py, FastMem's
+The other hooks live with their methods: Proxy-RLHF's accept/reject in rl/proxy/network.py, FastMem's
 contrastive decoding in fastmem.py.
 """
 

@@ -1,7 +1,7 @@
 """One Proxy-RLHF step as a unit: (train state, puzzles, rng) -> (train state, metrics, records).
 
 The same kind of unit as GRPO's `GrpoStep` (rl/grpo/step.py), for the proxy's MDP
-(rl/proxy.py): the policy is frozen and only the proxy trains.
+(rl/proxy/network.py): the policy is frozen and only the proxy trains.
 
     grain batch (B puzzles x G copies) -> episodes (policy proposes, proxy accepts / rejects,
       all inside one jitted while_loop) -> rewards (host) - rejection_cost x rejections
@@ -23,8 +23,9 @@ import numpy as np
 from jigsaw_jax import metrics as metrics_lib
 from jigsaw_jax.models.processing import Processor
 from jigsaw_jax.rl.grpo import advantages as advantages_lib
-from jigsaw_jax.rl import proxy as proxy_lib
-from jigsaw_jax.rl import proxy_sampler
+from jigsaw_jax.rl.proxy import loss as proxy_loss_lib
+from jigsaw_jax.rl.proxy import network as proxy_lib
+from jigsaw_jax.rl.proxy import sampler as proxy_sampler
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl.grpo.step import RewardFn
 from jigsaw_jax.rl.optim import guarded_update
@@ -92,7 +93,7 @@ class ProxyStep:
   """The Proxy-RLHF step for a frozen `policy`, its proxy `network` and `optimizer`."""
 
   def __init__(self, cfg: ProxyStepConfig, sampler: proxy_sampler.ProxySampler, network,
-               loss_cfg: proxy_lib.ProxyLossConfig, optimizer, policy, processor: Processor,
+               loss_cfg: proxy_loss_lib.ProxyLossConfig, optimizer, policy, processor: Processor,
                rewards: RewardFn, max_rejections: int):
     self.cfg, self.sampler, self.policy, self.processor = cfg, sampler, policy, processor
     self.rewards, self.max_rejections = rewards, max_rejections
@@ -100,7 +101,7 @@ class ProxyStep:
     self.advantage_fn = advantages_lib.get(cfg.advantage)
 
     def loss_fn(params, embedding, rollout, adv):
-      return proxy_lib.proxy_loss(network, params, embedding, rollout, adv, loss_cfg)
+      return proxy_loss_lib.proxy_loss(network, params, embedding, rollout, adv, loss_cfg)
 
     self._grad = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))
     self._update = jax.jit(functools.partial(guarded_update, optimizer), donate_argnums=(0, 1))
@@ -112,7 +113,7 @@ class ProxyStep:
 
   def advantages(self, rewards: np.ndarray, tokens: np.ndarray, mask: np.ndarray) -> jax.Array:
     if self.cfg.credit == "prefix":
-      return jnp.asarray(proxy_lib.prefix_advantages(rewards, tokens, mask))
+      return jnp.asarray(proxy_loss_lib.prefix_advantages(rewards, tokens, mask))
     return jnp.asarray(np.asarray(self.advantage_fn(rewards), np.float32).reshape(-1))
 
   def __call__(self, state, batches: Iterator[Dict[str, Any]], rng,

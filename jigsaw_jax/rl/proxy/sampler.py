@@ -26,7 +26,7 @@ from jigsaw_jax.generate.sampler import RolloutConfig, Sampler
 from jigsaw_jax.generate.sampling import SamplingConfig, filter_logits
 from jigsaw_jax.models.config import ModelConfig
 from jigsaw_jax.models.processing import PromptBatch
-from jigsaw_jax.rl.proxy import ProxyConfig, embedding_table, network_for
+from jigsaw_jax.rl.proxy.network import ProxyConfig, embedding_table, network_for
 
 _NEG_INF = -1e30  # what filter_logits writes outside the plausible set
 _OUTSIDE = -1e25  # below this a (temperature-scaled) logit is outside the plausible set

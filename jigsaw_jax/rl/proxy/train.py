@@ -1,4 +1,4 @@
-"""Proxy-RLHF training: the `proxy` task of `jigsaw_jax.main` (jigsaw_jax/rl/proxy.py has the MDP).
+"""Proxy-RLHF training: the `proxy` task of `jigsaw_jax.main` (jigsaw_jax/rl/proxy/ has the MDP).
 
 The policy is frozen; only the proxy's parameters (about 1% of the policy's) are trained, by
 policy gradient on its accept/reject decisions with GRPO's group-relative advantages over the G
@@ -35,9 +35,10 @@ from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.rl import components
 from jigsaw_jax.rl import loop as loop_lib
 from jigsaw_jax.sft import pretrain as pretrain_lib
-from jigsaw_jax.rl import proxy as proxy_lib
-from jigsaw_jax.rl import proxy_sampler
-from jigsaw_jax.rl import proxy_step as proxy_step_lib
+from jigsaw_jax.rl.proxy import loss as proxy_loss_lib
+from jigsaw_jax.rl.proxy import network as proxy_lib
+from jigsaw_jax.rl.proxy import sampler as proxy_sampler
+from jigsaw_jax.rl.proxy import step as proxy_step_lib
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl.grpo import train as grpo_trainer
 from jigsaw_jax.rl.grpo import step as grpo_step_lib
@@ -50,8 +51,8 @@ def proxy_config(config) -> proxy_lib.ProxyConfig:
                                max_rejections=int(p.max_rejections), fallback=p.fallback)
 
 
-def loss_config(config) -> proxy_lib.ProxyLossConfig:
-  return proxy_lib.ProxyLossConfig(
+def loss_config(config) -> proxy_loss_lib.ProxyLossConfig:
+  return proxy_loss_lib.ProxyLossConfig(
       epsilon_low=float(config.rl.epsilon_low), epsilon_high=float(config.rl.epsilon_high),
       aggregation=config.proxy.aggregation, entropy_coef=float(config.proxy.entropy_coef),
       objective=config.proxy.objective)

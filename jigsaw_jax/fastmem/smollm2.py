@@ -30,7 +30,7 @@ import numpy as np
 from jigsaw_jax.generate import loop as decode_loop
 from jigsaw_jax.generate.hooks import GreedyHook
 from jigsaw_jax.generate.loop import ModelOutput
-from jigsaw_jax.models import gguf_import
+from jigsaw_jax.fastmem import gguf as gguf_import
 from jigsaw_jax.models.config import TextConfig
 from jigsaw_jax.models.decoder import TextDecoder, cache_lengths, init_cache
 

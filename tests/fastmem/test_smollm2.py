@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jigsaw_jax.models import gguf_import
-from jigsaw_jax.models import smollm2
+from jigsaw_jax.fastmem import gguf as gguf_import
+from jigsaw_jax.fastmem import smollm2
 from jigsaw_jax.models.config import TextConfig
 from jigsaw_jax.models.decoder import TextDecoder
 
