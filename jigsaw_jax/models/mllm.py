@@ -1,5 +1,6 @@
 """The multimodal policy: vision tower + text decoder, the same function as transformers'
-Qwen2_5_VLForConditionalGeneration / Qwen2VLForConditionalGeneration.
+Qwen2_5_VLForConditionalGeneration / Qwen2VLForConditionalGeneration, and (with
+`cfg.vision.kind == "internvl"`, see models/internvl/) InternVLForConditionalGeneration.
 
     index = rope_index(cfg, input_ids, image_grid_thw, attn_mask)   # numpy, on the host
     out = model.apply(params, input_ids, index.positions, attn_mask,
@@ -26,6 +27,7 @@ import numpy as np
 
 from jigsaw_jax.models import decoder as decoder_lib
 from jigsaw_jax.models.config import ModelConfig
+from jigsaw_jax.models.internvl import vision as internvl_vision
 
 Array = jax.Array
 Grid = Tuple[Tuple[int, int, int], ...]
@@ -58,6 +60,8 @@ def rope_index(
     raise ValueError(f"input_ids must be [B, L], got shape {input_ids.shape}.")
   b, l = input_ids.shape
   valid = np.ones((b, l), bool) if attn_mask is None else np.asarray(attn_mask).astype(bool)
+  if cfg.text.mrope_section is None:
+    return sequential_index(valid)
   merge = cfg.vision.spatial_merge_size if cfg.vision is not None else 1
   grids = iter(_grid_tuple(image_grid_thw))
   positions = np.zeros((3, b, l), np.int64)
@@ -97,6 +101,14 @@ def rope_index(
   return RopeIndex(positions.astype(np.int32), deltas.astype(np.int32))
 
 
+def sequential_index(valid: np.ndarray) -> RopeIndex:
+  """1-D RoPE (InternVL's Qwen2, text-only decoders): every real token, image tokens included,
+  one position after the previous real one; the same id on all three axes, and delta 0."""
+  pos = np.where(valid, np.cumsum(valid, axis=1) - 1, 0)
+  return RopeIndex(np.broadcast_to(pos[None], (3,) + pos.shape).astype(np.int32),
+                   np.zeros((valid.shape[0],), np.int32))
+
+
 def decode_positions(cache: decoder_lib.Cache, deltas: Array) -> Array:
   """M-RoPE ids [3, B, 1] of the next token of each row: real tokens in the cache + delta."""
   pos = decoder_lib.cache_lengths(cache) + deltas.astype(jnp.int32)
@@ -124,7 +136,10 @@ class VisionLanguageModel(nn.Module):
     cfg = self.cfg
     self.decoder = decoder_lib.TextDecoder(cfg.text, cfg.dtype, cfg.param_dtype, cfg.remat,
                                            cfg.attention_impl, cfg.adapter)
-    if cfg.vision is not None:
+    if cfg.vision is not None and cfg.vision.kind == internvl_vision.KIND:
+      self.visual = internvl_vision.InternVisionTower(cfg.vision, cfg.dtype, cfg.param_dtype,
+                                                      cfg.remat)
+    elif cfg.vision is not None:
       from jigsaw_jax.models import vision  # Imported here: text-only models never need it.
       self.visual = vision.VisionTower(cfg.vision, cfg.dtype, cfg.param_dtype, cfg.remat,
                                        cfg.attention_impl)
@@ -160,7 +175,13 @@ def dummy_inputs(cfg: ModelConfig) -> dict:
   ids = np.zeros((1, 1), np.int32)
   inputs = dict(input_ids=ids, positions=np.zeros((3, 1, 1), np.int32),
                 attn_mask=np.ones((1, 1), np.int32))
-  if cfg.vision is not None:
+  if cfg.vision is not None and cfg.vision.kind == internvl_vision.KIND:
+    pixels, tokens = internvl_vision.dummy_pixels(cfg.vision)
+    inputs.update(input_ids=np.full((1, tokens), cfg.image_token_id, np.int32),
+                  positions=np.zeros((3, 1, tokens), np.int32),
+                  attn_mask=np.ones((1, tokens), np.int32), pixel_values=pixels,
+                  image_grid_thw=((1, 1, 1),))
+  elif cfg.vision is not None:
     v, m = cfg.vision, cfg.vision.spatial_merge_size
     ids[:] = cfg.image_token_id
     inputs.update(
