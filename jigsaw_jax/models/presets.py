@@ -19,6 +19,7 @@ from typing import Callable, Dict, Union
 import jax
 
 from jigsaw_jax.models.config import ModelConfig, TextConfig, VisionConfig
+from jigsaw_jax.models.internvl import presets as internvl_presets
 
 # The tiny tokenizer's vocabulary size and ids of <|image_pad|>, <|video_pad|>, <|vision_start|>,
 # <|vision_end|> (checked against the tokenizer in tests/models/test_presets.py).
@@ -118,6 +119,9 @@ PRESETS: Dict[str, Callable[[], ModelConfig]] = {
     "qwen2_5_vl_3b": qwen2_5_vl_3b,
     "qwen2_5_vl_7b": qwen2_5_vl_7b,
     "qwen2_vl_2b": qwen2_vl_2b,
+    # InternVL (models/internvl/presets.py).
+    "internvl3_2b": internvl_presets.internvl3_2b,
+    "internvl_tiny": lambda: internvl_presets.internvl_tiny(_TINY_VOCAB, _TINY_IDS),
 }
 
 

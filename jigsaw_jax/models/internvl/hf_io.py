@@ -137,9 +137,10 @@ def vision_config_to_hf(v: InternVisionConfig) -> Dict[str, Any]:
 def model_config_from_hf(hf, **overrides):
   """Our ModelConfig from a transformers InternVLConfig whose language model is Qwen2.
 
-  `<img>` / `</img>` are not in config.json; InternVL's tokenizers add them just before
-  `<IMG_CONTEXT>` (151665, 151666, 151667), which is what we assume here. The processor checks
-  the assumption against the tokenizer it loads.
+  `<img>` / `</img>` are not in a released config.json; InternVL's tokenizers add them just
+  before `<IMG_CONTEXT>` (151665, 151666, 151667), which is what we assume unless the file names
+  them (our exports do: `start_image_token_id`, `end_image_token_id`, `video_token_id`, as the
+  tokenizer attributes are called). The processor checks the ids against its tokenizer.
   """
   tc = hf.text_config
   if tc.model_type != "qwen2":
@@ -162,10 +163,11 @@ def model_config_from_hf(hf, **overrides):
   image = int(hf.image_token_id)
   # Qwen's <|video_pad|> when the vocabulary has it: InternVL never emits it, and the sampler
   # suppresses it like the other placeholders.
-  video = 151656 if tc.vocab_size > 151656 else image
+  video = getattr(hf, "video_token_id", 151656 if tc.vocab_size > 151656 else image)
   cfg = ModelConfig(text=text, vision=vision_config_from_hf(hf), image_token_id=image,
-                    video_token_id=video, vision_start_token_id=image - 2,
-                    vision_end_token_id=image - 1)
+                    video_token_id=int(video),
+                    vision_start_token_id=int(getattr(hf, "start_image_token_id", image - 2)),
+                    vision_end_token_id=int(getattr(hf, "end_image_token_id", image - 1)))
   return dataclasses.replace(cfg, **overrides)
 
 
@@ -191,6 +193,9 @@ def hf_config_from_model_config(cfg, torch_dtype: str = "float32"):
       image_token_id=cfg.image_token_id, image_seq_length=v.tokens_per_tile,
       downsample_ratio=v.downsample_ratio, projector_hidden_act=v.projector_hidden_act,
       tie_word_embeddings=t.tie_word_embeddings)
+  hf.start_image_token_id, hf.end_image_token_id = (cfg.vision_start_token_id,
+                                                    cfg.vision_end_token_id)
+  hf.video_token_id = cfg.video_token_id
   hf.architectures = ["InternVLForConditionalGeneration"]
   hf.dtype = torch_dtype
   return hf

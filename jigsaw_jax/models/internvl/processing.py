@@ -29,6 +29,7 @@ import transformers
 
 from jigsaw_jax.models import processing
 from jigsaw_jax.models import tokenizer as tokenizer_lib
+from jigsaw_jax.models.internvl.config import KIND  # pylint: disable=unused-import (dispatch key)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
