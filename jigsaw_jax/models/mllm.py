@@ -18,6 +18,7 @@ real-token count n (padding excluded) of a row sits at position n + delta.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -189,6 +190,23 @@ def dummy_inputs(cfg: ModelConfig) -> dict:
                               np.float32),
         image_grid_thw=((1, m, m),))
   return inputs
+
+
+def square_image_inputs(cfg: ModelConfig, image_tokens: int) -> Tuple[int, int, Tuple[int, ...]]:
+  """(pixel_values rows, row length, image_grid_thw row) of one square image that fills
+  `image_tokens` placeholder tokens: for shapes without data (the memory plan)."""
+  v = cfg.vision
+  if v.kind == internvl_vision.KIND:
+    tiles, rest = divmod(image_tokens, v.tokens_per_tile)
+    if rest or not tiles:
+      raise ValueError(f"{image_tokens} image tokens are not a whole number of {v.image_size}-pixel "
+                       f"tiles of {v.tokens_per_tile} tokens each.")
+    return tiles, v.tile_dim, (tiles, 1, 1)
+  side = v.spatial_merge_size * math.isqrt(image_tokens)  # patches per side
+  if side * side != v.spatial_merge_size ** 2 * image_tokens:
+    raise ValueError(f"{image_tokens} image tokens do not make one square image (a square number "
+                     "is needed).")
+  return side * side, v.in_channels * v.temporal_patch_size * v.patch_size ** 2, (1, side, side)
 
 
 # The layers draw every weight matrix (and the embedding) from normal(0, LAYER_INIT_STD), the

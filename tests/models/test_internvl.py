@@ -299,3 +299,65 @@ def test_tiny_preset_initialises_and_runs_a_tiled_prompt():
                                             prompt.pixel_values, grids)
   assert out.logits.shape == (1, ids.shape[1], cfg.text.vocab_size)
   assert np.isfinite(np.asarray(out.logits)).all()
+
+
+def test_lora_adapted_policy_merges_and_exports_to_transformers(built, tmp_path):
+  """A LoRA on the InternVL decoder: zero effect at init; trained (here: random) it changes the
+  logits, and its merged export is what transformers computes."""
+  from jigsaw_jax.models import adapters
+  _, _, params, cfg = built("vit300m")
+  adapted = dataclasses.replace(cfg, adapter=adapters.AdapterConfig(kind="lora", rank=4))
+  lora = adapters.init_adapters(adapted, jax.random.key(1))
+  ids, mask, pixels, grids = make_batch([[3, ("image", 3), 4], [2, ("image", 1), 1]])
+  index = mllm.rope_index(cfg, ids, grids, mask)
+  forward = lambda c, v: np.asarray(mllm.VisionLanguageModel(c).apply(
+      v, ids, index.positions, mask, pixels, grids).logits)
+  base = forward(cfg, params)
+  np.testing.assert_array_equal(forward(adapted, adapters.join(lora, params)), base)
+  leaves, tree = jax.tree.flatten(lora)
+  keys = jax.random.split(jax.random.key(2), len(leaves))
+  lora = jax.tree.unflatten(tree, [x + 0.05 * jax.random.normal(k, x.shape)
+                                   for x, k in zip(leaves, keys)])
+  variables = adapters.join(lora, params)
+  ours = forward(adapted, variables)
+  assert np.abs(ours - base).max() > 1e-2
+  merged = adapters.merge_adapters(variables, adapted)
+  plain = forward(cfg, merged)
+  # Folding the LoRA into the kernels rounds differently in float32.
+  assert np.abs(plain - ours).max() < 1e-5 * np.abs(ours).max()
+  hf_io.save_hf(merged, cfg, tmp_path)
+  reloaded = transformers.InternVLForConditionalGeneration.from_pretrained(str(tmp_path)).eval()
+  ref = hf_logits(reloaded, ids, mask, pixels, index.positions[0])
+  assert np.abs(plain - ref)[mask.astype(bool)].max() < TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# It trains: GRPO steps and an evaluation of the `:tiny` jigsaw config with the InternVL preset.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tiny_jigsaw_config_runs_grpo_steps_and_eval_with_internvl(tmp_path):
+  import os
+  import subprocess
+  import sys
+  from tests.rl.test_resume import _scalars
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  steps = 2
+  command = [
+      sys.executable, "-m", "jigsaw_jax.main", "--config=configs/jigsaw_2x1.py:tiny",
+      f"--workdir={tmp_path}", "--config.model.preset=internvl_tiny",
+      f"--config.total_steps={steps}", "--config.pretrain.steps=0",
+      "--config.eval.at_start=False", "--config.eval.at_end=True", "--config.eval.num_puzzles=4",
+      "--config.eval.batch_size=4", "--config.data.pipeline.prompts_per_batch=2",
+      "--config.data.pipeline.group_size=4", "--config.rollout.max_new_tokens=4"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+  assert run.returncode == 0, run.stderr[-4000:]
+  scalars = _scalars(str(tmp_path))
+  for tag in ("loss", "grad_norm", "reward/total", "completion/length_tokens"):
+    assert sorted(scalars[tag]) == list(range(1, steps + 1)), tag
+    assert all(np.isfinite(v) for v in scalars[tag].values()), tag
+  assert all(1 <= v <= 4 for v in scalars["completion/length_tokens"].values())
+  for size in ("2x1", "1x2", "3x1"):  # the evaluator sampled every held-out size
+    assert f"eval/full_nothink_{size}/accuracy=" in run.stderr
