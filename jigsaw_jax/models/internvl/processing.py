@@ -66,7 +66,9 @@ class TilingConfig:
     d = cls()
     return cls(image_size=int(height), min_patches=int(config.get("min_patches", d.min_patches)),
                max_patches=int(config.get("max_patches", d.max_patches)),
-               crop_to_patches=bool(config.get("crop_to_patches", True)),
+               # InternVLProcessor passes crop_to_patches=True to its image processor whatever
+               # preprocessor_config.json says (the image processor's own default is False).
+               crop_to_patches=True,
                tokens_per_tile=int(tokens_per_tile),
                image_mean=tuple(float(x) for x in config.get("image_mean", d.image_mean)),
                image_std=tuple(float(x) for x in config.get("image_std", d.image_std)),
