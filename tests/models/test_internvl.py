@@ -301,6 +301,26 @@ def test_tiny_preset_initialises_and_runs_a_tiled_prompt():
   assert np.isfinite(np.asarray(out.logits)).all()
 
 
+def test_export_of_tiny_preset_passes_the_parity_check_with_its_processor(tmp_path):
+  """Ours (random internvl_tiny) -> HF directory with the tiny tokenizer and tile settings ->
+  `python -m jigsaw_jax.models.parity`'s check builds the prompt with our InternVL processor
+  from those files and transformers agrees."""
+  import json
+  from jigsaw_jax.models import parity, tokenizer
+  cfg = presets.get_preset("internvl_tiny")
+  rng = np.random.RandomState(0)
+  params = jax.tree.map(lambda x: np.asarray(x) + 0.1 * rng.randn(*x.shape).astype(np.float32),
+                        mllm.init_params(cfg, jax.random.key(0)))
+  hf_io.save_hf(params, cfg, tmp_path, copy_files_from=tokenizer.tiny_tokenizer_path())
+  (tmp_path / "preprocessor_config.json").write_text(json.dumps(dict(
+      image_processor_type="GotOcr2ImageProcessor", size=dict(height=TILE, width=TILE),
+      min_patches=1, max_patches=12, resample=3, image_mean=list(internvl_processing.IMAGENET_MEAN),
+      image_std=list(internvl_processing.IMAGENET_STD))))
+  (tmp_path / "processor_config.json").write_text(json.dumps(dict(image_seq_length=4)))
+  assert "tiling" in parity.build_inputs(tmp_path, cfg).source
+  assert parity.compare(tmp_path, verbose=False) < TOL
+
+
 def test_lora_adapted_policy_merges_and_exports_to_transformers(built, tmp_path):
   """A LoRA on the InternVL decoder: zero effect at init; trained (here: random) it changes the
   logits, and its merged export is what transformers computes."""
