@@ -276,6 +276,16 @@ def test_real_preset_size():
   assert presets.get_preset("internvl3_2b").vision.tokens_per_tile == 256
 
 
+def test_every_parameter_has_logical_axes():
+  import flax.linen as nn
+  boxed = mllm.abstract_params(presets.get_preset("internvl_tiny"))
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert len(leaves) > 50
+  for leaf in leaves:
+    assert isinstance(leaf, nn.Partitioned), f"parameter without logical axis names: {leaf}"
+    assert len(leaf.names) == len(leaf.value.shape)
+
+
 def test_unsupported_language_model_is_refused():
   hf = hf_io.hf_config_from_model_config(presets.get_preset("internvl_tiny")).to_dict()
   hf["text_config"]["model_type"] = "qwen3"
