@@ -7,7 +7,8 @@ The released shapes are those of the checkpoints' config.json (Qwen/Qwen2.5-VL-3
 Qwen/Qwen2.5-VL-7B-Instruct, Qwen/Qwen2-VL-2B-Instruct); `hf_io.model_config_from_hf` on those
 files gives exactly these configs (tested). `tiny` and `small` keep Qwen2.5-VL's structure (window
 attention with full-attention blocks, M-RoPE, tied embeddings) at CPU scale, with the vocabulary
-and special-token ids of the tokenizer shipped in `assets/tokenizer_tiny`.
+and special-token ids of the tokenizer shipped in `assets/tokenizer_tiny`. The InternVL shapes
+(`internvl3_2b`, `internvl_tiny`) live in `internvl/presets.py`.
 """
 
 from __future__ import annotations

@@ -6,10 +6,15 @@ width 1024, 16 heads, MLP 4096, LayerNorm eps 1e-6, q/k/v biases, no QK-norm, no
 pixel shuffle 0.5, a GELU MLP projector to 1536, and Qwen2.5-1.5B as the language model (28
 layers, width 1536, 12 heads with 2 KV heads, MLP 8960, RoPE theta 1e6, vocabulary 151674 with
 InternVL's added tokens, <IMG_CONTEXT> = 151667 between <img> = 151665 and </img> = 151666, an
-untied lm_head). Sources: OpenGVLab's conversion to the -hf layout (internvl_custom2hf: the
-vision config, image_token_id 151667, image_seq_length 256), InternVL3-2B's config.json
-(llm_config: vocab_size 151674, hidden 1536, 28 layers, 12/2 heads; tie_word_embeddings false),
-and its 4.18 GB bf16 model.safetensors (2.09B parameters, which an untied head gives).
+untied lm_head). Sources read for these numbers: OpenGVLab's script that converts InternVL
+checkpoints to the -hf layout (its InternViT-300M vision config, image_token_id 151667,
+image_seq_length 256, the <img>/<IMG_CONTEXT>/</img> tokens and chat template); a published
+InternVL config of this 2B class (text_config: vocab_size 151674, hidden_size 1536, 28 layers, 12
+query and 2 KV heads, head_dim 128); InternVL2.5's internvl_chat config.json (tie_word_embeddings
+false); and InternVL3-2B's bf16 model.safetensors of 4.18 GB, i.e. 2.09B parameters, which is
+what an untied head gives (`count_params` here: 2,088,957,440; tied it would be 1.86B). The MLP
+size 8960 and RoPE theta 1e6 are Qwen2.5-1.5B's. `hf_io.model_config_from_hf` reads the real
+config.json, so a checkpoint never depends on these values.
 
 `internvl_tiny` keeps every part of the architecture at CPU scale (56-pixel tiles of 4x4
 patches: 4 image tokens a tile) with the vocabulary of the tokenizer in `assets/tokenizer_tiny`,
