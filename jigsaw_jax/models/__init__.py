@@ -1,4 +1,5 @@
-"""The policy: Qwen2.5-VL / Qwen2-VL (and LLaMA-style text decoders) in Flax linen.
+"""The policy: Qwen2.5-VL / Qwen2-VL, InternVL (internvl/) and LLaMA-style text decoders in Flax
+linen.
 
     cfg = models.get_preset("tiny")                      # or models.load_hf(dir) for a checkpoint
     params = models.init_params(cfg, jax.random.key(0))

@@ -75,6 +75,7 @@ class ModelConfig:
   """The multimodal policy: vision tower (optional) + text decoder + special token ids."""
 
   text: TextConfig = TextConfig()
+  # Or an internvl.config.InternVisionConfig (kind 'internvl'): InternViT + pixel shuffle.
   vision: Optional[VisionConfig] = VisionConfig()
   image_token_id: int = 151655
   video_token_id: int = 151656

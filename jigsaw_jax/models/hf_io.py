@@ -35,13 +35,15 @@ from safetensors.numpy import save_file
 from jigsaw_jax.models import mllm, vision_hf
 from jigsaw_jax.models.config import ModelConfig, TextConfig
 from jigsaw_jax.models.qwen3_vl import hf as qwen3_vl_hf
+from jigsaw_jax.models.internvl import hf_io as internvl_hf
 
 PathLike = os.PathLike | str
 Path = Tuple[str, ...]
 
 _ARCHITECTURES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
                   "qwen2_vl": "Qwen2VLForConditionalGeneration",
-                  qwen3_vl_hf.MODEL_TYPE: qwen3_vl_hf.ARCHITECTURE}
+                  qwen3_vl_hf.MODEL_TYPE: qwen3_vl_hf.ARCHITECTURE,
+                  "internvl": "InternVLForConditionalGeneration"}
 # Files of a checkpoint directory that are not weights but that users of an export need.
 PROCESSOR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.json",
@@ -102,6 +104,8 @@ def decoder_weight_specs(t: TextConfig, prefix: Path = ("decoder",)) -> List[Wei
 def weight_specs(cfg: ModelConfig) -> List[WeightSpec]:
   """Every tensor of the model: decoder entries here, vision entries from vision_hf.hf_weight_map."""
   specs = decoder_weight_specs(cfg.text)
+  if cfg.vision is not None and cfg.vision.kind == internvl_hf.KIND:
+    return specs + [WeightSpec(*entry) for entry in internvl_hf.vision_weight_entries(cfg.vision)]
   if cfg.vision is not None and cfg.vision.kind == qwen3_vl_hf.MODEL_TYPE:
     specs += [WeightSpec("visual." + name, ("visual",) + path, kind, shape)
               for name, path, kind, shape in qwen3_vl_hf.vision_weight_map(cfg.vision)]
@@ -116,9 +120,19 @@ def weight_specs(cfg: ModelConfig) -> List[WeightSpec]:
 
 def canonical_name(hf_name: str) -> str:
   """transformers' in-memory names -> the original Qwen names used in the map."""
-  for prefix, canonical in (("model.language_model.", "model."), ("model.visual.", "visual.")):
+  for prefix, canonical in (("model.language_model.", "model."), ("model.visual.", "visual."),
+                            *internvl_hf.CANONICAL_PREFIXES):
     if hf_name.startswith(prefix):
       return canonical + hf_name[len(prefix):]
+  return hf_name
+
+
+def export_name(cfg: ModelConfig, hf_name: str) -> str:
+  """The name a tensor is written under: the layout transformers' save_pretrained writes."""
+  if cfg.vision is not None and cfg.vision.kind == internvl_hf.KIND:
+    return internvl_hf.export_name(hf_name)
+  if cfg.vision is not None and cfg.vision.kind == qwen3_vl_hf.MODEL_TYPE:
+    return qwen3_vl_hf.export_name(hf_name)
   return hf_name
 
 
@@ -146,7 +160,7 @@ def _hf_config_object(config: Mapping[str, Any]):
   if model_type not in _ARCHITECTURES:
     raise CheckpointError(
         f"config.json has model_type {model_type!r}; expected one of {sorted(_ARCHITECTURES)} "
-        "(a Qwen2-VL, Qwen2.5-VL or Qwen3-VL checkpoint).")
+        "(a Qwen2-VL, Qwen2.5-VL, Qwen3-VL or InternVL checkpoint).")
   try:
     return transformers.CONFIG_MAPPING[model_type].from_dict(dict(config))
   except Exception as e:  # transformers validates configs; say which file failed.
@@ -160,6 +174,8 @@ def model_config_from_hf(config: Mapping[str, Any], **overrides) -> ModelConfig:
   hf = _hf_config_object(config)
   if config.get("model_type") == qwen3_vl_hf.MODEL_TYPE:
     return dataclasses.replace(qwen3_vl_hf.model_config_from_hf(hf, CheckpointError), **overrides)
+  if hf.model_type == internvl_hf.KIND:
+    return internvl_hf.model_config_from_hf(hf, **overrides)
   tc = hf.text_config
   rope = dict(tc.rope_parameters or {})
   if rope.get("rope_type", "default") != "default":
@@ -192,6 +208,8 @@ def hf_config_from_model_config(cfg: ModelConfig, torch_dtype: str = "float32"):
     raise ValueError("export needs a vision tower: cfg.vision is None.")
   if cfg.vision.kind == qwen3_vl_hf.MODEL_TYPE:
     return qwen3_vl_hf.hf_config_from_model_config(cfg, torch_dtype)
+  if cfg.vision.kind == internvl_hf.KIND:
+    return internvl_hf.hf_config_from_model_config(cfg, torch_dtype)
   t = cfg.text
   if t.head_dim * t.num_heads != t.hidden_size:
     raise ValueError(f"transformers derives head_dim = hidden_size / num_heads = "
@@ -380,15 +398,13 @@ def hf_tensors(params: Mapping[str, Any], cfg: ModelConfig,
   """(HF name, array) for every tensor, one at a time, in map order."""
   tree = nn.unbox(params)
   tree = tree.get("params", tree)
-  qwen3 = cfg.vision is not None and cfg.vision.kind == qwen3_vl_hf.MODEL_TYPE
   for s in weight_specs(cfg):
     value = _get_path(tree, s.path)
     if value is None:
       raise KeyError(f"params have no {'/'.join(s.path)} (HF tensor {s.hf_name}); were they "
                      "made for this config?")
     value = ours_to_hf(s.kind, _host(value), s.hf_shape)
-    name = qwen3_vl_hf.export_name(s.hf_name) if qwen3 else s.hf_name  # the layout it came in
-    yield name, value.astype(jnp.dtype(dtype)) if dtype else value
+    yield export_name(cfg, s.hf_name), value.astype(jnp.dtype(dtype)) if dtype else value
 
 
 def save_hf(

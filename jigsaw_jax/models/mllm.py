@@ -1,6 +1,7 @@
 """The multimodal policy: vision tower + text decoder, the same function as transformers'
 Qwen2_5_VLForConditionalGeneration / Qwen2VLForConditionalGeneration /
-Qwen3VLForConditionalGeneration (dense).
+Qwen3VLForConditionalGeneration (dense), and (with `cfg.vision.kind == "internvl"`, see
+models/internvl/) InternVLForConditionalGeneration.
 
     index = rope_index(cfg, input_ids, image_grid_thw, attn_mask)   # numpy, on the host
     out = model.apply(params, input_ids, index.positions, attn_mask,
@@ -21,6 +22,7 @@ of the first decoder layers.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import Any, NamedTuple, Optional, Sequence, Tuple
 
 import flax.linen as nn
@@ -31,6 +33,7 @@ import numpy as np
 from jigsaw_jax.models import adapters as adapters_lib
 from jigsaw_jax.models import decoder as decoder_lib
 from jigsaw_jax.models.config import ModelConfig
+from jigsaw_jax.models.internvl import vision as internvl_vision
 from jigsaw_jax.models.qwen3_vl import vision as qwen3_vision
 
 Array = jax.Array
@@ -64,6 +67,8 @@ def rope_index(
     raise ValueError(f"input_ids must be [B, L], got shape {input_ids.shape}.")
   b, l = input_ids.shape
   valid = np.ones((b, l), bool) if attn_mask is None else np.asarray(attn_mask).astype(bool)
+  if cfg.text.mrope_section is None:
+    return sequential_index(valid)
   merge = cfg.vision.spatial_merge_size if cfg.vision is not None else 1
   grids = iter(_grid_tuple(image_grid_thw))
   positions = np.zeros((3, b, l), np.int64)
@@ -103,6 +108,14 @@ def rope_index(
   return RopeIndex(positions.astype(np.int32), deltas.astype(np.int32))
 
 
+def sequential_index(valid: np.ndarray) -> RopeIndex:
+  """1-D RoPE (InternVL's Qwen2, text-only decoders): every real token, image tokens included,
+  one position after the previous real one; the same id on all three axes, and delta 0."""
+  pos = np.where(valid, np.cumsum(valid, axis=1) - 1, 0)
+  return RopeIndex(np.broadcast_to(pos[None], (3,) + pos.shape).astype(np.int32),
+                   np.zeros((valid.shape[0],), np.int32))
+
+
 def decode_positions(cache: decoder_lib.Cache, deltas: Array) -> Array:
   """M-RoPE ids [3, B, 1] of the next token of each row: real tokens in the cache + delta."""
   pos = decoder_lib.cache_lengths(cache) + deltas.astype(jnp.int32)
@@ -131,7 +144,10 @@ class VisionLanguageModel(nn.Module):
     cfg = self.cfg
     self.decoder = decoder_lib.TextDecoder(cfg.text, cfg.dtype, cfg.param_dtype, cfg.remat,
                                            cfg.attention_impl, cfg.adapter)
-    if cfg.vision is not None and cfg.vision.kind == "qwen3_vl":
+    if cfg.vision is not None and cfg.vision.kind == internvl_vision.KIND:
+      self.visual = internvl_vision.InternVisionTower(cfg.vision, cfg.dtype, cfg.param_dtype,
+                                                      cfg.remat)
+    elif cfg.vision is not None and cfg.vision.kind == "qwen3_vl":
       self.visual = qwen3_vision.Qwen3VisionTower(cfg.vision, cfg.dtype, cfg.param_dtype,
                                                   cfg.remat, cfg.attention_impl)
     elif cfg.vision is not None:
@@ -178,7 +194,13 @@ def dummy_inputs(cfg: ModelConfig) -> dict:
   ids = np.zeros((1, 1), np.int32)
   inputs = dict(input_ids=ids, positions=np.zeros((3, 1, 1), np.int32),
                 attn_mask=np.ones((1, 1), np.int32))
-  if cfg.vision is not None:
+  if cfg.vision is not None and cfg.vision.kind == internvl_vision.KIND:
+    pixels, tokens = internvl_vision.dummy_pixels(cfg.vision)
+    inputs.update(input_ids=np.full((1, tokens), cfg.image_token_id, np.int32),
+                  positions=np.zeros((3, 1, tokens), np.int32),
+                  attn_mask=np.ones((1, tokens), np.int32), pixel_values=pixels,
+                  image_grid_thw=((1, 1, 1),))
+  elif cfg.vision is not None:
     v, m = cfg.vision, cfg.vision.spatial_merge_size
     ids[:] = cfg.image_token_id
     inputs.update(
@@ -186,6 +208,23 @@ def dummy_inputs(cfg: ModelConfig) -> dict:
                               np.float32),
         image_grid_thw=((1, m, m),))
   return inputs
+
+
+def square_image_inputs(cfg: ModelConfig, image_tokens: int) -> Tuple[int, int, Tuple[int, ...]]:
+  """(pixel_values rows, row length, image_grid_thw row) of one square image that fills
+  `image_tokens` placeholder tokens: for shapes without data (the memory plan)."""
+  v = cfg.vision
+  if v.kind == internvl_vision.KIND:
+    tiles, rest = divmod(image_tokens, v.tokens_per_tile)
+    if rest or not tiles:
+      raise ValueError(f"{image_tokens} image tokens are not a whole number of {v.image_size}-pixel "
+                       f"tiles of {v.tokens_per_tile} tokens each.")
+    return tiles, v.tile_dim, (tiles, 1, 1)
+  side = v.spatial_merge_size * math.isqrt(image_tokens)  # patches per side
+  if side * side != v.spatial_merge_size ** 2 * image_tokens:
+    raise ValueError(f"{image_tokens} image tokens do not make one square image (a square number "
+                     "is needed).")
+  return side * side, v.in_channels * v.temporal_patch_size * v.patch_size ** 2, (1, side, side)
 
 
 # The layers draw every weight matrix (and the embedding) from normal(0, LAYER_INIT_STD), the

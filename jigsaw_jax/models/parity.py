@@ -50,6 +50,8 @@ def build_inputs(directory: pathlib.Path, cfg, *, seed: int = 0, height: int = 8
   rng = np.random.RandomState(seed)
   image = _random_image(rng, height, width)
   tokenizer_files = any((directory / f).is_file() for f in ("tokenizer.json", "vocab.json"))
+  if cfg.vision.kind == "internvl":
+    return _internvl_inputs(directory, cfg, rng, image, prompt, tokenizer_files)
   if tokenizer_files:
     try:
       tokenizer = tokenizer_lib.load_tokenizer(directory)
@@ -80,6 +82,31 @@ def build_inputs(directory: pathlib.Path, cfg, *, seed: int = 0, height: int = 8
                       "token ids built from config.json's special ids (no tokenizer files)")
 
 
+def _internvl_inputs(directory, cfg, rng, image, prompt, tokenizer_files) -> ParityInputs:
+  """The same two rows for InternVL: its processor (tiles + <img> prompt) when the directory has
+  a tokenizer and image settings, else tiles of the random image and ids from config.json."""
+  from jigsaw_jax.models import processing
+  from jigsaw_jax.models.internvl import processing as internvl_processing
+  if tokenizer_files and (directory / "preprocessor_config.json").is_file():
+    proc = internvl_processing.processor_for(cfg, str(directory))
+    rows = [proc.encode_prompt(prompt, image), proc.encode_prompt("Hi.", None)]
+    ids, mask = processing.left_pad([r.input_ids for r in rows], proc.pad_token_id)
+    return ParityInputs(ids, mask, rows[0].pixel_values,
+                        tuple(map(tuple, rows[0].image_grid_thw.tolist())),
+                        "the directory's tokenizer, chat template and tiling")
+  v = cfg.vision
+  pixels = internvl_processing.preprocess_image(image, internvl_processing.TilingConfig(
+      image_size=v.image_size, tokens_per_tile=v.tokens_per_tile))
+  special = {cfg.image_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id}
+  words = [i for i in range(min(cfg.text.vocab_size, 1000)) if i not in special]
+  text = lambda n: list(rng.choice(words, n))
+  row0 = text(5) + [cfg.vision_start_token_id] + [cfg.image_token_id] * (
+      len(pixels) * v.tokens_per_tile) + [cfg.vision_end_token_id] + text(7)
+  ids, mask = processing.left_pad([np.array(row0), np.array(text(9))], pad_id=words[0])
+  return ParityInputs(ids, mask, pixels, ((len(pixels), 1, 1),),
+                      "tiles of a random image, ids from config.json (no tokenizer files)")
+
+
 def _image_config(cfg, processing):
   v = cfg.vision
   return processing.ImageProcessingConfig(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
@@ -105,9 +132,18 @@ def reference_logits(directory: pathlib.Path, inputs: ParityInputs, cfg) -> np.n
   import transformers
   model_cls = {"qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
                "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
-               "qwen3_vl": transformers.Qwen3VLForConditionalGeneration}[cfg.vision.kind]
+               "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+               "internvl": transformers.InternVLForConditionalGeneration}[cfg.vision.kind]
   model = model_cls.from_pretrained(str(directory), dtype=torch.float32).eval()
   ids = torch.tensor(inputs.input_ids, dtype=torch.long)
+  if cfg.vision.kind == "internvl":  # 1-D RoPE over real tokens, as its generate() numbers them
+    mask = torch.tensor(inputs.attn_mask, dtype=torch.long)
+    side = cfg.vision.image_size
+    with torch.no_grad():
+      return model(input_ids=ids, attention_mask=mask,
+                   position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                   pixel_values=torch.tensor(inputs.pixel_values).reshape(-1, 3, side, side)
+                   ).logits.float().numpy()
   with torch.no_grad():
     out = model(
         input_ids=ids, attention_mask=torch.tensor(inputs.attn_mask, dtype=torch.long),

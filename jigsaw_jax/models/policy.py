@@ -16,6 +16,7 @@ import flax.linen as nn
 
 from jigsaw_jax.models import adapters, hf_io, mllm, presets
 from jigsaw_jax.models.config import ModelConfig
+from jigsaw_jax.models.internvl import processing as internvl_processing
 from jigsaw_jax.models.processing import Processor
 
 
@@ -31,11 +32,13 @@ def model_config(model: Any) -> ModelConfig:
 def processor(model: Any, cfg: Optional[ModelConfig] = None) -> Processor:
   """The checkpoint's own processor, or the shipped tokenizer with image settings that match the
   preset's vision tower (patch and merge sizes)."""
+  cfg = cfg or model_config(model)
+  if cfg.vision is not None and cfg.vision.kind == internvl_processing.KIND:
+    return internvl_processing.processor_for(cfg, model.checkpoint)
   if model.checkpoint:
     return Processor.from_pretrained(model.checkpoint)
   from jigsaw_jax.models import tokenizer as tokenizer_lib
   from jigsaw_jax.models.processing import ImageProcessingConfig
-  cfg = cfg or model_config(model)
   image = ImageProcessingConfig()
   if cfg.vision is not None:
     image = ImageProcessingConfig(patch_size=cfg.vision.patch_size,

@@ -22,7 +22,8 @@ Their parameter counts (2,127,532,032 / 4,437,815,808 / 8,767,123,696) are the p
 
 `tiny` and `small` keep Qwen2.5-VL's structure (window attention with full-attention blocks,
 M-RoPE, tied embeddings) at CPU scale, `qwen3_vl_tiny` Qwen3-VL's, with the vocabulary and
-special-token ids of the tokenizer shipped in `assets/tokenizer_tiny`.
+special-token ids of the tokenizer shipped in `assets/tokenizer_tiny`. The InternVL shapes
+(`internvl3_2b`, `internvl_tiny`) live in `internvl/presets.py`.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from typing import Callable, Dict, Union
 import jax
 
 from jigsaw_jax.models.config import ModelConfig, TextConfig, VisionConfig
+from jigsaw_jax.models.internvl import presets as internvl_presets
 
 # The tiny tokenizer's vocabulary size and ids of <|image_pad|>, <|video_pad|>, <|vision_start|>,
 # <|vision_end|> (checked against the tokenizer in tests/models/test_presets.py).
@@ -179,6 +181,9 @@ PRESETS: Dict[str, Callable[[], ModelConfig]] = {
     "qwen3_vl_2b": qwen3_vl_2b,
     "qwen3_vl_4b": qwen3_vl_4b,
     "qwen3_vl_8b": qwen3_vl_8b,
+    # InternVL (models/internvl/presets.py).
+    "internvl3_2b": internvl_presets.internvl3_2b,
+    "internvl_tiny": lambda: internvl_presets.internvl_tiny(_TINY_VOCAB, _TINY_IDS),
 }
 
 

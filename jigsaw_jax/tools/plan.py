@@ -129,11 +129,12 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
   if num_layers is not None:
     cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, num_layers=num_layers))
   if vision_depth is not None:
-    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(
-        cfg.vision, depth=vision_depth, fullatt_block_indexes=tuple(
-            i for i in cfg.vision.fullatt_block_indexes if i < vision_depth),
-        deepstack_visual_indexes=tuple(
-            i for i in cfg.vision.deepstack_visual_indexes if i < vision_depth)))
+    # Block indexes past the cut go (full attention: Qwen2.5-VL; DeepStack taps: Qwen3-VL).
+    cut = {name: tuple(i for i in getattr(cfg.vision, name) if i < vision_depth)
+           for name in ("fullatt_block_indexes", "deepstack_visual_indexes")
+           if hasattr(cfg.vision, name)}
+    cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, depth=vision_depth,
+                                                              **cut))
   o, rl = config.optim, config.rl
   optimizer = optim_lib.make_optimizer(o.learning_rate, config.total_steps, o.warmup_steps,
                                        o.weight_decay, o.grad_clip, o.b1, o.b2, o.eps,
@@ -151,11 +152,10 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
   group = int(config.data.pipeline.group_size)
   micro = int(rl.micro_batches)
   rows = prompts * group // micro
-  side = 2 * math.isqrt(image_tokens)  # patches per side of a square image, merge 2x2
-  if side * side != 4 * image_tokens:
-    raise ValueError(f"--image_tokens={image_tokens} must be a square number (one square image).")
-  v = cfg.vision
-  patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size ** 2
+  try:
+    pixel_rows, patch_dim, image_grid = mllm.square_image_inputs(cfg, image_tokens)
+  except ValueError as e:
+    raise ValueError(f"--image_tokens={image_tokens}: {e}") from e
   new_tokens = int(config.rollout.max_new_tokens)
   prompt_len = image_tokens + text_tokens + 2  # + <|vision_start|>, <|vision_end|>
   length = prompt_len + new_tokens
@@ -171,7 +171,7 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
       shape, dtype, sharding=sharding_lib.rows_sharding(mesh, len(shape), axis))
 
   def pixels(images: int):
-    n = images * side * side
+    n = images * pixel_rows
     return jax.ShapeDtypeStruct((n, patch_dim), jnp.float32,
                                 sharding=sharding_lib.pixel_sharding(mesh, n))
 
@@ -184,7 +184,7 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
       grads=_shard_bytes(params))
 
   # GRPO gradient of one micro-batch.
-  grid = ((1, side, side),) * rows
+  grid = (image_grid,) * rows
   batch = (row((rows, length), jnp.int32), row((rows, length), jnp.int32),
            row((3, rows, length), jnp.int32, 1), pixels(rows),
            row((rows, new_tokens), jnp.int32), row((rows, new_tokens), jnp.float32))
@@ -210,7 +210,7 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
         sampling=SamplingConfig(temperature=config.rollout.temperature,
                                 top_k=config.rollout.top_k, top_p=config.rollout.top_p),
         eos_ids=(0,), pad_id=0))
-    prompt_grid = ((1, side, side),) * prompts
+    prompt_grid = (image_grid,) * prompts
     prefill_in = (params, row((prompts, prompt_len), jnp.int32),
                   row((3, prompts, prompt_len), jnp.int32, 1),
                   row((prompts, prompt_len), jnp.int32), pixels(prompts))
