@@ -304,7 +304,7 @@ class PolicySteps:
                           out_shardings=(rows(2), rows(2)))
     self._grads = jax.jit(
         self._grads_by_grid, static_argnums=(0, 1),
-        in_shardings=(param_shardings,) + batch_in + (rows(1), rows(2), rows(2), rep),
+        in_shardings=(param_shardings,) + batch_in + (rows(1), rows(2), rows(2), rep, rep),
         out_shardings=(trainable_shardings, rep, rep))
     self._update = jax.jit(
         self._update_impl, donate_argnums=(0, 1),
@@ -423,7 +423,8 @@ class PolicySteps:
   # -- gradients ----------------------------------------------------------------------------
 
   def _grads_impl(self, params, input_ids, attn_mask, positions, pixel_values, completion,
-                  completion_mask, advantages, old_logp, ref_logp, rng=None, *, grid, group=1):
+                  completion_mask, advantages, old_logp, ref_logp, rng=None,
+                  token_normalizer=None, *, grid, group=1):
     # With adapters only the 'adapter' collection is differentiated: no base gradient exists.
     trainable, frozen = adapters_lib.split(params)
     adapter = self.model_cfg.adapter
@@ -436,7 +437,7 @@ class PolicySteps:
           group=group)
       old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
       loss, metrics = self.loss_fn(logp, old, ref_logp, advantages, completion_mask,
-                                   self.loss_cfg)
+                                   self.loss_cfg, token_normalizer)
       tokens = jnp.maximum(completion_mask.sum(), 1.0)
       metrics = dict(metrics, entropy=(jax.lax.stop_gradient(entropy) * completion_mask).sum()
                      / tokens)
@@ -452,16 +453,19 @@ class PolicySteps:
     return self._grads_impl(*args, grid=grid, group=group)
 
   def grads(self, params, seq: SequenceBatch, advantages, old_logp=None, ref_logp=None,
-            rng=None):
+            rng=None, token_normalizer=None):
     """(grads, loss, metrics) of the loss on `seq`. On a mesh, host (numpy) inputs are this
     process's rows, as for `shard_batch`. With adapters, `params` holds base and adapter
-    variables and the grads cover the adapter only; `rng` drives adapter dropout."""
+    variables and the grads cover the adapter only; `rng` drives adapter dropout.
+    `token_normalizer` is what a token-level loss (dapo) divides by: pass
+    `micro_batch_token_normalizer` of the step's micro-batches (None: this batch's own count)."""
     seq = self.shard_batch(seq)
     with self._context():
       return self._grads(seq.grid, self.prompt_group(seq),
                          self._place_state(params, self.param_shardings), *_array_fields(seq),
                          self._rows(advantages, 1), self._rows(old_logp, 2),
-                         self._rows(ref_logp, 2), rng)
+                         self._rows(ref_logp, 2), rng,
+                         None if token_normalizer is None else jnp.float32(token_normalizer))
 
   # -- update -------------------------------------------------------------------------------
 
@@ -481,6 +485,18 @@ class PolicySteps:
       return self._update(self._place_state(params, self.trainable_shardings),
                           self._place_state(opt_state, self.opt_state_shardings),
                           self._place_state(grads, self.trainable_shardings))
+
+
+def micro_batch_token_normalizer(completion_masks: Sequence[Any]) -> float:
+  """The token count each micro-batch's dapo sum is divided by: the completion tokens of the
+  whole step (every micro-batch, every process) over the number of micro-batches, whose
+  gradients `mean_trees` averages, so the step's gradient is its token sum over its token count
+  however it is split."""
+  local = float(sum(np.asarray(m, np.float64).sum() for m in completion_masks))
+  total = local
+  if jax.process_count() > 1:
+    total = float(np.asarray(multihost_utils.process_allgather(np.float64(local))).sum())
+  return max(total, 1.0) / len(completion_masks)
 
 
 def mean_trees(trees):
