@@ -33,7 +33,8 @@ from jigsaw_jax.rl import losses as losses_lib
 from jigsaw_jax.rl import pretrain as pretrain_lib
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl.sequences import build_sequences, split_rows
-from jigsaw_jax.rl.steps import PolicySteps, make_optimizer, mean_trees
+from jigsaw_jax.rl.steps import (PolicySteps, make_optimizer, mean_trees,
+                                 micro_batch_token_normalizer)
 from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
 from jigsaw_jax.rollout.sampling import SamplingConfig
 
@@ -96,6 +97,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   if config.rl.dynamic_sampling and int(config.rl.max_draws) < 1:
     raise ValueError("config.rl.max_draws (batches drawn per step with dynamic sampling) must be "
                      f">= 1; got {config.rl.max_draws}.")
+  if config.rl.dynamic_sampling:
+    dynamic_sampling.check_options(config.rl.dynamic_sampling_metric,
+                                   config.rl.dynamic_sampling_at_cap)
 
   # ----------------------------------------------------------------------------------------
   # Mesh and policy.
@@ -223,11 +227,13 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     draws = [first]
     if config.rl.dynamic_sampling:
       wanted = len(draws[0])
+      metric = config.rl.dynamic_sampling_metric
       while len(draws) < int(config.rl.max_draws) and dynamic_sampling.any_process(
-          dynamic_sampling.count_informative(draws) < wanted):
+          dynamic_sampling.count_informative(draws, metric) < wanted):
         # Keys of later draws stay clear of fold_in(step_rng, iteration + 1), adapter dropout's.
         draws.append(draw_groups(jax.random.fold_in(step_rng, len(draws) + 1000))[0])
-      groups = dynamic_sampling.fill_batch(draws, wanted)
+      groups = dynamic_sampling.fill_batch(draws, wanted, metric,
+                                           config.rl.dynamic_sampling_at_cap)
     else:
       groups = first
     # Reward metrics describe the policy's samples: every draw, not just the groups kept.
@@ -246,13 +252,15 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       adv_micro = np.split(adv, len(micro))
       ref_logps = [reference_logp(m) for m in micro]
       old_logps = [None] * len(micro)
+      normalizer = micro_batch_token_normalizer([m.completion_mask for m in micro])
       if config.rl.num_iterations > 1:
         old_logps = [steps.score(policy(), m)[0] for m in micro]
       for iteration in range(int(config.rl.num_iterations)):
         dropout_rng = (jax.random.fold_in(step_rng, iteration + 1)
                        if frozen and config.adapter.dropout else None)
         results = [steps.grads(policy(), m, a, o, r,
-                               None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
+                               None if dropout_rng is None else jax.random.fold_in(dropout_rng, i),
+                               normalizer)
                    for i, (m, a, o, r) in enumerate(zip(micro, adv_micro, old_logps, ref_logps))]
         grads = mean_trees([g for g, _, _ in results])
         params, opt_state, update_stats = steps.apply_update(state["params"], state["opt_state"],
