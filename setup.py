@@ -28,6 +28,8 @@ INSTALL_REQUIRES = [
     # clu's metric writers import TensorFlow and TensorBoard at import time.
     "tensorflow-cpu>=2.16",
     "tensorboard>=2.16",
+    # Reads the reference's test set (jigsaw-r1/coco) from a local save_to_disk/parquet export.
+    "datasets>=3.0",
 ]
 
 TEST_REQUIRES = [

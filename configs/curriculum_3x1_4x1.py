@@ -3,7 +3,8 @@ for downstream transfer, Table 3).
 
   python -m jigsaw_jax.main --config=configs/curriculum_3x1_4x1.py --workdir=/ckpt/curriculum \
       --config.model.checkpoint=/models/Qwen2.5-VL-3B-Instruct \
-      --config.data.source.kind=folder --config.data.source.path=/data/coco/train2014
+      --config.data.source.kind=folder --config.data.source.path=/data/coco/train2014 \
+      --config.data.source.test_hf_dataset=/data/jigsaw-r1-coco  # the reference's test set
   python -m jigsaw_jax.main --config=configs/curriculum_3x1_4x1.py:tiny --workdir=/tmp/curriculum
 """
 
