@@ -492,11 +492,11 @@ def micro_batch_token_normalizer(completion_masks: Sequence[Any]) -> float:
   whole step (every micro-batch, every process) over the number of micro-batches, whose
   gradients `mean_trees` averages, so the step's gradient is its token sum over its token count
   however it is split."""
-  local = float(sum(np.asarray(m, np.float64).sum() for m in completion_masks))
+  local = int(sum(np.asarray(m).astype(bool).sum() for m in completion_masks))
   total = local
   if jax.process_count() > 1:
-    total = float(np.asarray(multihost_utils.process_allgather(np.float64(local))).sum())
-  return max(total, 1.0) / len(completion_masks)
+    total = int(np.asarray(multihost_utils.process_allgather(np.int32(local))).sum())
+  return max(total, 1) / len(completion_masks)
 
 
 def mean_trees(trees):
