@@ -46,8 +46,9 @@ def load_split(path: str, split: str = "test") -> datasets.Dataset:
   where = os.path.abspath(os.path.expanduser(path))
   field = "config.data.source.test_hf_dataset"
   if not os.path.exists(where):
-    raise ValueError(f"{field}={path!r} does not exist (resolved to {where!r}). Point it at a local "
-                     "export of jigsaw-r1/coco: a save_to_disk directory or its parquet files.")
+    raise ValueError(f"{field}={path!r} does not exist (resolved to {where!r}). Point it at a "
+                     "local export of jigsaw-r1/coco: a save_to_disk directory or its parquet "
+                     "files.")
   if os.path.isfile(where):
     if not where.endswith(".parquet"):
       raise ValueError(f"{field}={path!r} is a file but not .parquet; give a parquet file or a "
@@ -87,8 +88,8 @@ class HfDatasetSource:
     self.image_size = images.check_image_size(image_size, "HF dataset")
     table = load_split(path, split)
     if image_key not in table.column_names:
-      raise ValueError(f"The dataset at {path!r} (split {split!r}) has no column {image_key!r}; its "
-                       f"columns are {table.column_names}. Set config.data.source.image_key.")
+      raise ValueError(f"The dataset at {path!r} (split {split!r}) has no column {image_key!r}; "
+                       f"its columns are {table.column_names}. Set config.data.source.image_key.")
     if isinstance(table.features[image_key], datasets.Image):
       table = table.cast_column(image_key, datasets.Image(decode=False))
     self._column = table.select_columns([image_key])

@@ -21,9 +21,9 @@ TRL's GRPOTrainer `loss_type`s define them:
 Every loss takes `token_normalizer`, the number dapo divides its token sum by. The trainer
 averages the gradients of its micro-batches, so it passes the step's completion-token count
 divided by the number of micro-batches (`steps.micro_batch_token_normalizer`): the mean of the
-micro-batch losses is then the step's token sum over its token count, whatever the split (TRL divides
-`num_items_in_batch` by processes and accumulation steps the same way). None: this batch's own
-count, which makes dapo equal bnpo. The other losses ignore it.
+micro-batch losses is then the step's token sum over its token count, whatever the split (TRL
+divides `num_items_in_batch` by processes and accumulation steps the same way). None: this
+batch's own count, which makes dapo equal bnpo. The other losses ignore it.
 
 With mu = 1 inner iteration, old_logp is the current logp without gradient: the ratio is exactly 1
 and the gradient is -A * grad(logp), as in the paper's runs.

@@ -227,7 +227,8 @@ def test_test_file_list_splits_one_folder_and_may_not_overlap_train(tmp_path):
   # A test list that repeats a training image is refused, naming the shared file.
   with open(tmp_path / "test.json", "w") as f:
     json.dump(names[3:], f)
-  with pytest.raises(ValueError, match=f"shares 1 of its 3 images with the train split.*{names[3]}"):
+  with pytest.raises(ValueError,
+                     match=f"shares 1 of its 3 images with the train split.*{names[3]}"):
     _eval_originals(config, 4)
   with pytest.raises(ValueError, match="shares 6 of its 6 images"):
     _eval_originals(_folder_config(str(tmp_path / "coco"), test_path=str(tmp_path / "coco")))
