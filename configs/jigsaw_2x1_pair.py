@@ -2,7 +2,8 @@
 
   python -m jigsaw_jax.main --config=configs/jigsaw_2x1_pair.py --workdir=/ckpt/pair_2x1 \
       --config.model.checkpoint=/models/Qwen2.5-VL-3B-Instruct \
-      --config.data.source.kind=folder --config.data.source.path=/data/coco/train2014
+      --config.data.source.kind=folder --config.data.source.path=/data/coco/train2014 \
+      --config.data.source.test_hf_dataset=/data/jigsaw-r1-coco  # the reference's test set
   # Thinking variant (1,000 steps in the paper):
   python -m jigsaw_jax.main --config=configs/jigsaw_2x1_pair.py:think --workdir=/ckpt/pair_think
   # The CPU miniature:

@@ -2,7 +2,8 @@
 
   python -m jigsaw_jax.main --config=configs/jigsaw_3x3.py --workdir=/ckpt/jigsaw_3x3 \
       --config.model.checkpoint=/models/Qwen2.5-VL-3B-Instruct \
-      --config.data.source.kind=folder --config.data.source.path=/data/coco/train2014
+      --config.data.source.kind=folder --config.data.source.path=/data/coco/train2014 \
+      --config.data.source.test_hf_dataset=/data/jigsaw-r1-coco  # the reference's test set
   # Memory plan on 8 devices, without weights:
   python -m jigsaw_jax.tools.plan --config=configs/jigsaw_3x3.py --devices=8 --mesh=1,8,1
   # On a CPU:

@@ -4,7 +4,8 @@ rejects the tokens a frozen policy proposes, trained by RL on the puzzle rewards
   # A frozen Qwen2.5-VL-3B steered by a proxy of ~0.03% of its parameters, on a pod:
   python -m jigsaw_jax.main --config=configs/proxy_2x1.py --workdir=/ckpt/proxy_2x1 \
       --config.model.checkpoint=/models/Qwen2.5-VL-3B-Instruct \
-      --config.data.source.kind=folder --config.data.source.path=/data/coco/train2014
+      --config.data.source.kind=folder --config.data.source.path=/data/coco/train2014 \
+      --config.data.source.test_hf_dataset=/data/jigsaw-r1-coco  # the reference's test set
   # Steering a policy another run trained (GRPO or SFT) instead of the checkpoint as loaded:
   python -m jigsaw_jax.main --config=configs/proxy_2x1.py --workdir=/ckpt/proxy_on_sft \
       --config.init_from=/ckpt/sft_2x1 ...

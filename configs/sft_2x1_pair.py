@@ -3,7 +3,8 @@
 
   python -m jigsaw_jax.main --config=configs/sft_2x1_pair.py --workdir=/ckpt/sft_pair \
       --config.model.checkpoint=/models/Qwen2.5-VL-3B-Instruct \
-      --config.data.source.kind=folder --config.data.source.path=/data/coco/train2014
+      --config.data.source.kind=folder --config.data.source.path=/data/coco/train2014 \
+      --config.data.source.test_hf_dataset=/data/jigsaw-r1-coco  # the reference's test set
   # SFT -> RL cold start: GRPO from the SFT run's last checkpoint.
   python -m jigsaw_jax.main --config=configs/jigsaw_2x1_pair.py --workdir=/ckpt/sft_then_rl \
       --config.init_from=/ckpt/sft_pair

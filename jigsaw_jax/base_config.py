@@ -37,15 +37,17 @@ def base_config() -> ml_collections.ConfigDict:
   # GRPO: advantages (r - mean) / (std + 1e-4); per-sequence token-mean loss; k3 KL, beta 0.04.
   c.rl = ml_collections.ConfigDict(dict(
       advantage="grpo",  # grpo | dr_grpo | rloo
-      loss="grpo",  # grpo | dr_grpo | dapo | gspo
+      loss="grpo",  # grpo | dr_grpo | bnpo | dapo | gspo (rl/losses.py; TRL's loss_type)
       epsilon_low=0.2, epsilon_high=0.2, beta=0.04, kl_estimator="k3",
       num_iterations=1,  # mu: updates per batch against the sampling policy's log-probs
       micro_batches=1,  # gradient accumulation within one optimizer step
       overlong_buffer=0,  # DAPO's soft overlong punishment window in tokens (0: off)
       # DAPO's dynamic sampling (rl/grpo/dynamic_sampling.py): draw batches until prompts_per_batch
-      # groups have rewards that differ, at most max_draws per step (then zero-variance groups
-      # fill the batch). Off in the paper's runs.
-      dynamic_sampling=False, max_draws=4,
+      # groups differ in `dynamic_sampling_metric` (accuracy | total: accuracy + 0.5 * format),
+      # at most max_draws per step; then `dynamic_sampling_at_cap`: fill (zero-variance groups
+      # complete the batch) | raise (stop, as verl does). Off in the paper's runs.
+      dynamic_sampling=False, max_draws=4, dynamic_sampling_metric="accuracy",
+      dynamic_sampling_at_cap="fill",
       # Score each prompt once and share its KV cache with its G completions (same numbers, about
       # G times less prompt compute); False: every row runs its own copy of the prompt.
       share_prompt=True,

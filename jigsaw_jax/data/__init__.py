@@ -8,7 +8,8 @@
   batch = next(it); state = it.get_state()    # JSON-able; it.set_state(state) resumes exactly
 
 Sources: `bundled` (crops of the photos shipped in scikit-image/scikit-learn/matplotlib, the
-default), `procedural`, `folder` (JPEG/PNG trees such as COCO) and `tfds`. Config fields are
+default), `procedural`, `folder` (JPEG/PNG trees such as COCO; its test split a second folder or
+a local Hugging Face export of jigsaw-r1/coco) and `tfds`. Config fields are
 documented in `jigsaw_jax.data.config`.
 """
 
@@ -22,7 +23,8 @@ from jigsaw_jax.data.procedural import ProceduralSource
 from jigsaw_jax.data.sources import KINDS, make_image_source
 
 __all__ = [
-    "BundledSource", "Curriculum", "FolderSource", "ImageSource", "KINDS", "ProceduralSource",
+    "BundledSource", "Curriculum", "FolderSource", "HfDatasetSource", "ImageSource", "KINDS",
+    "ProceduralSource",
     "Stage", "TfdsSource", "collate_groups", "default_config", "image_index", "make_dataset",
     "make_image_source", "pipeline_config", "source_config",
 ]
@@ -33,4 +35,8 @@ def __getattr__(name):
   if name == "TfdsSource":
     from jigsaw_jax.data.tfds_source import TfdsSource  # pylint: disable=g-import-not-at-top
     return TfdsSource
+  # HfDatasetSource imports the `datasets` library; the same.
+  if name == "HfDatasetSource":
+    from jigsaw_jax.data.hf_dataset import HfDatasetSource  # pylint: disable=g-import-not-at-top
+    return HfDatasetSource
   raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

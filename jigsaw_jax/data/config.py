@@ -11,9 +11,9 @@ or on the command line: `--config.data.source.kind=procedural --config.data.pipe
 
 `config.data.source` (see `make_image_source`):
   kind:           "bundled" (default) | "procedural" | "folder" | "tfds".
-  split:          "train" | "test" for bundled and procedural (disjoint; see bundled.py); any tfds
-                  split for tfds ("train", "validation", "train[:10%]"); unused by folder (point
-                  `path` or `file_list` at the evaluation images instead).
+  split:          "train" | "test" for bundled and procedural (disjoint; see bundled.py) and for
+                  folder (train: path/file_list; test: the test_* fields below); any tfds split
+                  for tfds ("train", "validation", "train[:10%]"). Evaluation reads "test".
   seed:           bundled and procedural: with (split, index) the only input to an image.
   image_size:     (height, width) of every image. Required by bundled and procedural; for folder
                   and tfds None keeps native sizes (the reference feeds COCO at native size).
@@ -36,10 +36,18 @@ or on the command line: `--config.data.source.kind=procedural --config.data.pipe
                     reference's train2014.json; restricts and orders the images.
     validate:       "full" (decode every file at start, ~1 ms/image/thread) | "header" | "none".
     extensions:     file name endings picked up by the search.
+    The test split (evaluation), one of these; none set is an error when evaluating:
+    test_hf_dataset: a local export of the reference's test set (Hugging Face dataset
+                    jigsaw-r1/coco, split test): a save_to_disk directory or parquet files
+                    (data/hf_dataset.py); read with the `datasets` library, images in `image_key`.
+    test_hf_split:  the split of test_hf_dataset to read ("test").
+    test_path:      a folder of test images (e.g. a COCO test2014 subset), searched like path.
+    test_file_list: a JSON list of test image paths (relative to test_path, else to path). The
+                    test split may share no file with the train split.
   tfds only:
     name:           e.g. "coco/2017"; prepared with --file_format=array_record.
     data_dir:       where prepared datasets live (None: tfds' default).
-    image_key:      the feature holding the image.
+    image_key:      the feature holding the image (also the column of test_hf_dataset).
 
 `config.data.pipeline` (see `make_dataset`):
   seed:              the puzzle of prompt p is a pure function of (seed, p, stage).
@@ -93,6 +101,10 @@ def source_config() -> ml_collections.ConfigDict:
       "file_list": "",
       "validate": "full",
       "extensions": (".jpg", ".jpeg", ".png"),
+      "test_path": "",
+      "test_file_list": "",
+      "test_hf_dataset": "",
+      "test_hf_split": "test",
       # tfds
       "name": "",
       "data_dir": "",

@@ -7,7 +7,10 @@ was switched off) is skipped at read time: `source[i]` falls back to the next re
 is deterministic because whether a file decodes depends only on its bytes. Each such file is
 reported once.
 
-The folder is one split: point `path` (or `file_list`) somewhere else for evaluation.
+One FolderSource is one split. `make_image_source` builds the train split from
+`config.data.source.path`/`file_list` and the test split from `test_path`/`test_file_list` (or a
+Hugging Face dataset export, data/hf_dataset.py), and refuses a test split that shares a file with
+the train split.
 """
 
 from __future__ import annotations
@@ -85,6 +88,24 @@ def _list_candidates(root: str, file_list: Optional[str],
     subdirs.sort()
     paths.extend(os.path.join(directory, f) for f in files if f.lower().endswith(suffixes))
   return sorted(paths), f"files ending in {'/'.join(extensions)} under {root!r} (recursively)"
+
+
+def candidate_paths(path: str, file_list: Optional[str] = None,
+                    extensions: Sequence[str] = EXTENSIONS) -> List[str]:
+  """The files a FolderSource over `path`/`file_list` would consider (not validated)."""
+  return _list_candidates(os.path.abspath(os.path.expanduser(path)), file_list, extensions)[0]
+
+
+def refuse_shared_files(train_paths: Sequence[str], test_paths: Sequence[str]) -> None:
+  """A ValueError naming the files that are in both splits, if any (symlinks resolved)."""
+  train = {os.path.realpath(p) for p in train_paths}
+  shared = sorted(p for p in test_paths if os.path.realpath(p) in train)
+  if shared:
+    raise ValueError(
+        f"The folder source's test split shares {len(shared)} of its {len(test_paths)} images "
+        f"with the train split (first: {shared[:3]}); evaluation would score puzzles cut from "
+        "training images. Point config.data.source.test_path/test_file_list at images that "
+        "config.data.source.path/file_list do not hold.")
 
 
 class FolderSource:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -24,6 +26,18 @@ def guarded_update(optimizer: optax.GradientTransformation, params, opt_state, g
 def mean_trees(trees):
   """Element-wise mean of a list of equally shaped pytrees (micro-batch gradients)."""
   return jax.tree_util.tree_map(lambda *xs: sum(xs) / len(xs), *trees)
+
+
+def micro_batch_token_normalizer(completion_masks: Sequence[Any]) -> float:
+  """The token count each micro-batch's dapo sum is divided by: the completion tokens of the
+  whole step (every micro-batch, every process) over the number of micro-batches, whose
+  gradients `mean_trees` averages, so the step's gradient is its token sum over its token count
+  however it is split."""
+  local = int(sum(np.asarray(m).astype(bool).sum() for m in completion_masks))
+  total = local
+  if jax.process_count() > 1:
+    total = int(np.asarray(multihost_utils.process_allgather(np.int32(local))).sum())
+  return max(total, 1) / len(completion_masks)
 
 
 def make_optimizer(learning_rate: float, total_steps: int, warmup_steps: int = 0,

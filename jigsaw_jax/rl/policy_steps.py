@@ -125,7 +125,7 @@ class PolicySteps:
                           out_shardings=(rows(2), rows(2)))
     self._grads = jax.jit(
         self._grads_by_grid, static_argnums=(0, 1),
-        in_shardings=(param_shardings,) + batch_in + (rows(1), rows(2), rows(2), rep),
+        in_shardings=(param_shardings,) + batch_in + (rows(1), rows(2), rows(2), rep, rep),
         out_shardings=(trainable_shardings, rep, rep))
     self._update = jax.jit(
         self._update_impl, donate_argnums=(0, 1),
@@ -245,7 +245,8 @@ class PolicySteps:
   # -- gradients ----------------------------------------------------------------------------
 
   def _grads_impl(self, params, input_ids, attn_mask, positions, pixel_values, completion,
-                  completion_mask, advantages, old_logp, ref_logp, rng=None, *, grid, group=1):
+                  completion_mask, advantages, old_logp, ref_logp, rng=None,
+                  token_normalizer=None, *, grid, group=1):
     # With adapters only the 'adapter' collection is differentiated: no base gradient exists.
     trainable, frozen = adapters_lib.split(params)
     adapter = self.model_cfg.adapter
@@ -258,7 +259,7 @@ class PolicySteps:
           group=group)
       old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
       loss, metrics = self.loss_fn(logp, old, ref_logp, advantages, completion_mask,
-                                   self.loss_cfg)
+                                   self.loss_cfg, token_normalizer)
       tokens = jnp.maximum(completion_mask.sum(), 1.0)
       metrics = dict(metrics, entropy=(jax.lax.stop_gradient(entropy) * completion_mask).sum()
                      / tokens)
@@ -274,16 +275,19 @@ class PolicySteps:
     return self._grads_impl(*args, grid=grid, group=group)
 
   def grads(self, params, seq: SequenceBatch, advantages, old_logp=None, ref_logp=None,
-            rng=None):
+            rng=None, token_normalizer=None):
     """(grads, loss, metrics) of the loss on `seq`. On a mesh, host (numpy) inputs are this
     process's rows, as for `shard_batch`. With adapters, `params` holds base and adapter
-    variables and the grads cover the adapter only; `rng` drives adapter dropout."""
+    variables and the grads cover the adapter only; `rng` drives adapter dropout.
+    `token_normalizer` is what a token-level loss (dapo) divides by: pass
+    `micro_batch_token_normalizer` of the step's micro-batches (None: this batch's own count)."""
     seq = self.shard_batch(seq)
     with self._context():
       return self._grads(seq.grid, self.prompt_group(seq),
                          self._place_state(params, self.param_shardings), *_array_fields(seq),
                          self._rows(advantages, 1), self._rows(old_logp, 2),
-                         self._rows(ref_logp, 2), rng)
+                         self._rows(ref_logp, 2), rng,
+                         None if token_normalizer is None else jnp.float32(token_normalizer))
 
   # -- update -------------------------------------------------------------------------------
 

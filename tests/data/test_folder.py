@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jigsaw_jax import data
+from jigsaw_jax import base_config, data, evaluate
 from jigsaw_jax.data import images
 
 BROKEN = ("empty.jpg", "truncated.jpg", "notes.png")
@@ -156,3 +156,88 @@ def test_missing_folder_and_bad_file_list_are_clear_errors(tmp_path):
     json.dump({"images": []}, f)
   with pytest.raises(ValueError, match="JSON list of path strings"):
     data.FolderSource(str(tmp_path), file_list=list_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# The train and test splits: evaluation reads the test location only.
+# ---------------------------------------------------------------------------------------------
+
+
+def _write_split(root, count, seed):
+  """`count` PNG images (lossless: a puzzle's original is an exact crop of one) of distinct
+  random pixels; returns them decoded, by path."""
+  os.makedirs(root, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  out = {}
+  for i in range(count):
+    path = os.path.join(root, f"{seed}_{i}.png")
+    Image.fromarray(rng.integers(0, 256, size=(20 + 2 * i, 30, 3), dtype=np.uint8)).save(path)
+    out[path] = images.decode_image(path)
+  return out
+
+
+def _eval_originals(data_cfg, num_puzzles=10):
+  """The source images (cropped to the grid) of the 2x1 full eval set, made by the evaluator's own
+  test-set builder."""
+  eval_cfg = base_config.base_config().eval
+  eval_cfg.num_puzzles = num_puzzles
+  return [p.original for p in evaluate.test_puzzles(data_cfg, eval_cfg, "2x1", "full", False)]
+
+
+def _which(original, pool):
+  height, width = original.shape[:2]
+  return [path for path, image in pool.items()
+          if image.shape[0] >= height and image.shape[1] >= width
+          and np.array_equal(image[:height, :width], original)]
+
+
+def _folder_config(train_root, **fields):
+  config = data.default_config()
+  config.source.update(kind="folder", path=train_root, image_size=None, **fields)
+  return config
+
+
+def test_eval_puzzles_come_from_the_test_folder_and_none_from_train(tmp_path):
+  train = _write_split(str(tmp_path / "train"), 6, seed=1)
+  test = _write_split(str(tmp_path / "test"), 4, seed=2)
+  config = _folder_config(str(tmp_path / "train"), test_path=str(tmp_path / "test"))
+  originals = _eval_originals(config)
+  assert len(originals) == 10
+  used = set()
+  for original in originals:
+    assert not _which(original, train)
+    (path,) = _which(original, test)
+    used.add(path)
+  assert used == set(test)  # 10 puzzles over 4 test images: every one of them
+  # Training still reads the train folder.
+  source = data.make_image_source(config.source)
+  assert sorted(source.paths) == sorted(train)
+
+
+def test_test_file_list_splits_one_folder_and_may_not_overlap_train(tmp_path):
+  pool = _write_split(str(tmp_path / "coco"), 6, seed=3)
+  names = sorted(os.path.basename(p) for p in pool)
+  for split, chosen in (("train", names[:4]), ("test", names[4:])):
+    with open(tmp_path / f"{split}.json", "w") as f:
+      json.dump(chosen, f)
+  config = _folder_config(str(tmp_path / "coco"), file_list=str(tmp_path / "train.json"),
+                          test_file_list=str(tmp_path / "test.json"))
+  test = {p: pool[p] for p in pool if os.path.basename(p) in names[4:]}
+  assert all(_which(o, test) for o in _eval_originals(config, 4))
+  # A test list that repeats a training image is refused, naming the shared file.
+  with open(tmp_path / "test.json", "w") as f:
+    json.dump(names[3:], f)
+  with pytest.raises(ValueError,
+                     match=f"shares 1 of its 3 images with the train split.*{names[3]}"):
+    _eval_originals(config, 4)
+  with pytest.raises(ValueError, match="shares 6 of its 6 images"):
+    _eval_originals(_folder_config(str(tmp_path / "coco"), test_path=str(tmp_path / "coco")))
+
+
+def test_eval_on_a_folder_without_a_test_split_is_an_error_saying_how(tmp_path):
+  _write_split(str(tmp_path / "train"), 3, seed=4)
+  with pytest.raises(ValueError, match=r"no test split configured.*test_hf_dataset=.*jigsaw-r1/coco"
+                     r".*test_path=.*test_file_list="):
+    _eval_originals(_folder_config(str(tmp_path / "train")))
+  with pytest.raises(ValueError, match=r"splits \('train', 'test'\); got split='validation'"):
+    data.make_image_source(dict(kind="folder", path=str(tmp_path / "train"), split="validation"))

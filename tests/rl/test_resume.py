@@ -11,6 +11,11 @@ import time
 
 import pytest
 
+from configs import curriculum_3x1_4x1
+from jigsaw_jax import data as data_lib
+from jigsaw_jax.rl import rollout_rewards
+from jigsaw_jax.rl.grpo import train as trainer
+
 COMPARED = ("reward/total", "reward/accuracy", "reward/format", "loss", "grad_norm", "entropy",
             "completion/length_tokens")
 TOTAL_STEPS = 10
@@ -74,3 +79,58 @@ def test_kill_and_rerun_continues_exactly(tmp_path):
     assert sorted(a[tag]) == list(range(1, TOTAL_STEPS + 1)), tag
     for step in range(1, TOTAL_STEPS + 1):
       assert b[tag][step] == pytest.approx(a[tag][step], rel=1e-6, abs=1e-7), (tag, step)
+
+
+class _Killed(Exception):
+  """Stands for the process dying in the middle of a step."""
+
+
+def _curriculum_config():
+  c = curriculum_3x1_4x1.get_config("tiny")
+  c.total_steps = 4
+  c.data.pipeline.curriculum = [{"start_step": 2, "m": 4}]  # steps 3 and 4 are in stage 2
+  c.data.pipeline.prompts_per_batch, c.data.pipeline.group_size = 2, 2
+  c.rollout.max_new_tokens = 4
+  c.pretrain.steps = 0
+  c.eval.at_start = c.eval.at_end = False
+  c.eval.every_steps = 0
+  c.checkpoint.async_save = False
+  c.checkpoint.save_every_steps = 1
+  return c
+
+
+def _puzzle_record(puzzles):
+  """What identifies a step's puzzles: each puzzle in full, its image included."""
+  return [(p.question_type, p.m, p.n, p.permutation, p.pair, p.solution, p.prompt,
+           p.image.tobytes()) for p in puzzles]
+
+
+@pytest.mark.slow
+def test_a_run_killed_in_stage_two_resumes_in_stage_two_at_the_same_puzzle(tmp_path):
+  config = _curriculum_config()
+  group = config.data.pipeline.group_size
+  # The puzzles of an uninterrupted run's four steps (the trainer reads this iterator in order).
+  batches = iter(data_lib.make_dataset(config.data))
+  straight = [next(batches) for _ in range(4)]
+  assert [b["stage"][::group].tolist() for b in straight] == [[0, 0], [0, 0], [1, 1], [1, 1]]
+  assert all(p.question_type == "pair" and p.m * p.n == 4 for p in straight[3]["puzzle"])
+  straight = [_puzzle_record(b["puzzle"][::group]) for b in straight]
+  drawn, kill_at = [], [4]
+
+  def recording_rewards(puzzles, texts, group):
+    """The rule-based rewards, recording each step's puzzles; the run dies at step kill_at."""
+    if len(drawn) + 1 == kill_at[0]:
+      raise _Killed()
+    drawn.append(_puzzle_record(puzzles))
+    return rollout_rewards.score_texts(puzzles, texts, group)
+
+  # Killed while scoring step 4's puzzles: the last checkpoint is step 3, inside stage 2.
+  with pytest.raises(_Killed):
+    trainer.train_and_evaluate(config, str(tmp_path), rewards=recording_rewards)
+  assert drawn == straight[:3]
+  saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
+  assert saved[-1] == 3
+  drawn.clear()
+  kill_at[0] = None
+  trainer.train_and_evaluate(_curriculum_config(), str(tmp_path), rewards=recording_rewards)
+  assert drawn == straight[3:]  # one step: step 4, the same stage-2 puzzles, images and prompts

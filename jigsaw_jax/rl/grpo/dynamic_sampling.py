@@ -1,11 +1,25 @@
-"""DAPO's dynamic sampling: train only on groups whose G rewards differ.
+"""DAPO's dynamic sampling: train only on groups whose G completions differ.
 
 A group whose G completions all earn the same reward has advantage 0 everywhere: it adds nothing
 to the policy gradient but its KL term, and it dilutes the batch. With `config.rl.dynamic_sampling`
 the trainer keeps drawing batches of puzzles (a new rollout each) until it holds
-`prompts_per_batch` groups with a learning signal, at most `config.rl.max_draws` draws per step;
-if the cap is reached, zero-variance groups fill the rest so that the update keeps its fixed,
-compiled shape (Yu et al. 2025, "DAPO", §3.2; verl caps the draws the same way).
+`prompts_per_batch` informative groups, at most `config.rl.max_draws` draws per step. The batch
+is then the informative groups in draw order, the first `prompts_per_batch` of them.
+
+Which groups are informative (`config.rl.dynamic_sampling_metric`):
+* "accuracy" (default): the accuracy reward is not the same for all G samples. DAPO (Yu et al.
+  2025, §3.2) over-samples and drops prompts whose accuracy is all 1 or all 0; verl's DAPO recipe
+  keeps a prompt when the std of `algorithm.filter_groups.metric` over its samples is > 0, with
+  `metric=acc` in DAPO's scripts. A group that is all wrong but mixes formats is not informative.
+* "reward": the reward the advantages are computed from (accuracy + 0.5 * format, plus the
+  overlong penalty when it is on) is not the same for all G samples (verl's `metric=score` /
+  `seq_reward`); every group with a nonzero advantage counts.
+
+At the cap (`config.rl.dynamic_sampling_at_cap`):
+* "fill" (default): zero-variance groups, in draw order, complete the batch, so that the update
+  keeps its fixed, compiled shape and the step goes on (`dynamic/zero_variance_kept` > 0 says so).
+* "raise": stop with an error, as verl does once `num_gen_batches` reaches
+  `max_num_gen_batches` (verl's max_num_gen_batches=0 draws without a cap; here max_draws >= 1).
 
 `Groups` is the host-side record of one draw; `fill_batch` picks the groups of the update.
 """
@@ -61,22 +75,51 @@ class Groups:
         rewards=np.concatenate([p.rewards for p in parts]))
 
 
-def informative(groups: Groups) -> np.ndarray:
-  """bool [P]: groups whose rewards are not all equal."""
-  return ~np.asarray(advantages_lib.zero_variance_groups(groups.rewards))
+# config.rl.dynamic_sampling_metric -> the [P, G] values whose spread makes a group informative.
+METRICS = {
+    "accuracy": lambda groups: groups.scores["accuracy"],
+    "reward": lambda groups: groups.rewards,
+}
+AT_CAP = ("fill", "raise")
 
 
-def count_informative(draws: Sequence[Groups]) -> int:
-  return int(sum(informative(d).sum() for d in draws))
+def check_options(metric: str, at_cap: str = "fill") -> None:
+  """Refuses an unknown `config.rl.dynamic_sampling_metric` or `dynamic_sampling_at_cap`."""
+  if metric not in METRICS:
+    raise ValueError(f"config.rl.dynamic_sampling_metric={metric!r}; expected one of "
+                     f"{sorted(METRICS)}.")
+  if at_cap not in AT_CAP:
+    raise ValueError(f"config.rl.dynamic_sampling_at_cap={at_cap!r}; expected one of "
+                     f"{list(AT_CAP)}.")
 
 
-def fill_batch(draws: Sequence[Groups], size: int) -> Groups:
-  """`size` groups: those with a learning signal first, in draw order; if there are fewer,
-  zero-variance groups (in draw order) fill the rest."""
+def informative(groups: Groups, metric: str = "accuracy") -> np.ndarray:
+  """bool [P]: groups whose `metric` values are not all equal."""
+  check_options(metric)
+  values = np.asarray(METRICS[metric](groups), np.float32)
+  return ~np.asarray(advantages_lib.zero_variance_groups(values))
+
+
+def count_informative(draws: Sequence[Groups], metric: str = "accuracy") -> int:
+  return int(sum(informative(d, metric).sum() for d in draws))
+
+
+def fill_batch(draws: Sequence[Groups], size: int, metric: str = "accuracy",
+               at_cap: str = "fill") -> Groups:
+  """`size` groups: the informative ones first, in draw order; if there are fewer, zero-variance
+  groups (in draw order) fill the rest (`at_cap="fill"`) or a ValueError says so
+  (`at_cap="raise"`)."""
+  check_options(metric, at_cap)
   every = Groups.concat(draws)
   if len(every) < size:
     raise ValueError(f"{len(every)} groups drawn, fewer than the batch of {size}.")
-  signal = informative(every)
+  signal = informative(every, metric)
+  if at_cap == "raise" and signal.sum() < size:
+    raise ValueError(
+        f"Dynamic sampling found {int(signal.sum())} groups whose {metric} varies in "
+        f"{len(draws)} draws, fewer than the batch of {size} (config.rl.max_draws reached). The "
+        "puzzles may be too easy or too hard for the policy: raise config.rl.max_draws, or set "
+        "config.rl.dynamic_sampling_at_cap=fill to complete the batch with zero-variance groups.")
   order = np.concatenate([np.flatnonzero(signal), np.flatnonzero(~signal)])[:size]
   return every.take(order)
 

@@ -6,13 +6,24 @@ penalty to the reference policy:
     ratio_t = exp(logp_t - old_logp_t)                  (sequence-level for GSPO)
     loss_t  = -min(ratio_t * A, clip(ratio_t, 1 - eps_low, 1 + eps_high) * A) + beta * KL_t
 
-and differ in how tokens are aggregated (and so how long and short completions are weighted):
+and differ in how tokens are aggregated (and so how long and short completions are weighted), as
+TRL's GRPOTrainer `loss_type`s define them:
 
 * grpo    : mean over each sequence's tokens, then mean over sequences (Shao et al.; Jigsaw-R1).
 * dr_grpo : sum over all tokens / (num_sequences * max_completion_length) (Liu et al. 2025).
-* dapo    : sum over all tokens / number of tokens, usually with eps_high > eps_low (Yu et al.).
+* bnpo    : sum over the batch's tokens / the number of tokens of this (micro-)batch.
+* dapo    : sum over all tokens / the number of tokens of the whole generation batch, over every
+            micro-batch and process of the step (Yu et al.; usually with eps_high > eps_low), so
+            that the step's gradient does not depend on how the batch is split.
 * gspo    : the ratio is exp(mean_t(logp - old_logp)) per sequence (Zheng et al. 2025), then
-            aggregated like grpo.
+            aggregated like grpo (TRL: loss_type="grpo", importance_sampling_level="sequence").
+
+Every loss takes `token_normalizer`, the number dapo divides its token sum by. The trainer
+averages the gradients of its micro-batches, so it passes the step's completion-token count
+divided by the number of micro-batches (`steps.micro_batch_token_normalizer`): the mean of the
+micro-batch losses is then the step's token sum over its token count, whatever the split (TRL
+divides `num_items_in_batch` by processes and accumulation steps the same way). None: this
+batch's own count, which makes dapo equal bnpo. The other losses ignore it.
 
 With mu = 1 inner iteration, old_logp is the current logp without gradient: the ratio is exactly 1
 and the gradient is -A * grad(logp), as in the paper's runs.
@@ -90,31 +101,53 @@ def _sequence_token_mean(per_token, mask):
 
 
 @register("grpo")
-def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig):
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig,
+              token_normalizer=None):
+  del token_normalizer
   per_token, mask, metrics = _per_token_terms(logp, old_logp, ref_logp, advantages, mask, cfg,
                                               sequence_ratio=False)
   return _sequence_token_mean(per_token, mask), metrics
 
 
 @register("gspo")
-def gspo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig):
+def gspo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig,
+              token_normalizer=None):
+  del token_normalizer
   per_token, mask, metrics = _per_token_terms(logp, old_logp, ref_logp, advantages, mask, cfg,
                                               sequence_ratio=True)
   return _sequence_token_mean(per_token, mask), metrics
 
 
 @register("dr_grpo")
-def dr_grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig):
+def dr_grpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig,
+                 token_normalizer=None):
+  del token_normalizer
   per_token, mask, metrics = _per_token_terms(logp, old_logp, ref_logp, advantages, mask, cfg,
                                               sequence_ratio=False)
   return (per_token * mask).sum() / (per_token.shape[0] * cfg.max_completion_length), metrics
 
 
-@register("dapo")
-def dapo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig):
+def _token_sum_over(per_token, mask, normalizer):
+  return (per_token * mask).sum() / normalizer
+
+
+@register("bnpo")
+def bnpo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig,
+              token_normalizer=None):
+  del token_normalizer  # bnpo always normalises by its own batch.
   per_token, mask, metrics = _per_token_terms(logp, old_logp, ref_logp, advantages, mask, cfg,
                                               sequence_ratio=False)
-  return (per_token * mask).sum() / jnp.maximum(mask.sum(), 1.0), metrics
+  return _token_sum_over(per_token, mask, jnp.maximum(mask.sum(), 1.0)), metrics
+
+
+@register("dapo")
+def dapo_loss(logp, old_logp, ref_logp, advantages, mask, cfg: LossConfig,
+              token_normalizer=None):
+  per_token, mask, metrics = _per_token_terms(logp, old_logp, ref_logp, advantages, mask, cfg,
+                                              sequence_ratio=False)
+  normalizer = (jnp.maximum(mask.sum(), 1.0) if token_normalizer is None
+                else jnp.asarray(token_normalizer, jnp.float32))
+  return _token_sum_over(per_token, mask, normalizer), metrics
 
 
 def token_log_probs(logits: jnp.ndarray, tokens: jnp.ndarray,

@@ -34,7 +34,7 @@ from jigsaw_jax.rl import components
 from jigsaw_jax.rl.grpo import dynamic_sampling
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl.sequences import build_sequences, split_rows
-from jigsaw_jax.rl.optim import mean_trees
+from jigsaw_jax.rl.optim import mean_trees, micro_batch_token_normalizer
 from jigsaw_jax.rl.policy_steps import PolicySteps
 from jigsaw_jax.generate.sampler import Sampler
 
@@ -58,6 +58,8 @@ class GrpoConfig:
   beta: float = 0.0
   dynamic_sampling: bool = False
   max_draws: int = 1
+  dynamic_sampling_metric: str = "accuracy"  # what must differ within a group to keep it
+  dynamic_sampling_at_cap: str = "fill"  # fill | raise, when max_draws leave the batch short
   overlong_buffer: int = 0
   adapter_dropout: bool = False  # draw adapter-dropout masks in the update
 
@@ -72,6 +74,7 @@ class GrpoConfig:
       raise ValueError("config.rl.micro_batches and config.rl.num_iterations must be >= 1; got "
                        f"{self.micro_batches} and {self.num_iterations}.")
     advantages_lib.get(self.advantage)  # an unknown name fails here, listing the known ones
+    dynamic_sampling.check_options(self.dynamic_sampling_metric, self.dynamic_sampling_at_cap)
 
   @classmethod
   def from_config(cls, config) -> "GrpoConfig":
@@ -82,7 +85,9 @@ class GrpoConfig:
         max_new_tokens=int(config.rollout.max_new_tokens), advantage=rl.advantage,
         micro_batches=int(rl.micro_batches), num_iterations=int(rl.num_iterations),
         beta=float(rl.beta), dynamic_sampling=bool(rl.dynamic_sampling),
-        max_draws=int(rl.max_draws), overlong_buffer=int(rl.overlong_buffer),
+        max_draws=int(rl.max_draws), dynamic_sampling_metric=rl.dynamic_sampling_metric,
+        dynamic_sampling_at_cap=rl.dynamic_sampling_at_cap,
+        overlong_buffer=int(rl.overlong_buffer),
         adapter_dropout=bool(config.adapter.dropout))
 
 
@@ -185,17 +190,18 @@ class GrpoStep:
     first, first_prompts = self.draw(state, next(batches), rng, timer)
     draws = [first]
     groups = first
-    if self.cfg.dynamic_sampling:
-      wanted = len(first)
-      while len(draws) < self.cfg.max_draws and dynamic_sampling.any_process(
-          dynamic_sampling.count_informative(draws) < wanted):
+    cfg = self.cfg
+    if cfg.dynamic_sampling:
+      wanted, metric = len(first), cfg.dynamic_sampling_metric
+      while len(draws) < cfg.max_draws and dynamic_sampling.any_process(
+          dynamic_sampling.count_informative(draws, metric) < wanted):
         key = jax.random.fold_in(rng, len(draws) + DRAW_KEY_OFFSET)
         draws.append(self.draw(state, next(batches), key, timer)[0])
-      groups = dynamic_sampling.fill_batch(draws, wanted)
+      groups = dynamic_sampling.fill_batch(draws, wanted, metric, cfg.dynamic_sampling_at_cap)
     drawn = dynamic_sampling.Groups.concat(draws) if len(draws) > 1 else groups
     # Groups picked across draws need collating anew; a single draw's prompts are reused.
     prompts = (first_prompts if groups is first else
-               collate(groups.encoded, self.processor.pad_token_id, self.cfg.prompt_bucket))
+               collate(groups.encoded, self.processor.pad_token_id, cfg.prompt_bucket))
     return StepRecords(groups, drawn, len(draws)), prompts
 
   # -- the update ---------------------------------------------------------------------------
@@ -216,13 +222,16 @@ class GrpoStep:
     adv_micro = np.split(adv, len(micro))
     ref_logps = [self._reference_logp(state, m) for m in micro]
     old_logps = [None] * len(micro)
+    # A token-level loss (dapo) divides by the whole step's tokens however the step is split.
+    normalizer = micro_batch_token_normalizer([m.completion_mask for m in micro])
     if cfg.num_iterations > 1:
       old_logps = [steps.score(self.policy(state), m)[0] for m in micro]
     for iteration in range(cfg.num_iterations):
       dropout_rng = (jax.random.fold_in(rng, iteration + 1)
                      if self.frozen and cfg.adapter_dropout else None)
       results = [steps.grads(self.policy(state), m, a, o, r,
-                             None if dropout_rng is None else jax.random.fold_in(dropout_rng, i))
+                             None if dropout_rng is None else jax.random.fold_in(dropout_rng, i),
+                             normalizer)
                  for i, (m, a, o, r) in enumerate(zip(micro, adv_micro, old_logps, ref_logps))]
       grads = mean_trees([g for g, _, _ in results])
       params, opt_state, stats = steps.apply_update(state["params"], state["opt_state"], grads)

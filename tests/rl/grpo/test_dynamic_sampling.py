@@ -15,9 +15,11 @@ from jigsaw_jax.rl.grpo import dynamic_sampling
 from jigsaw_jax.rl.grpo.step import GrpoStep
 
 
-def _groups(rewards, tag):
-  """Groups with the given [P, G] rewards; every row's token holds its (tag, prompt, sample)."""
+def _groups(rewards, tag, accuracy=None):
+  """Groups with the given [P, G] rewards (and accuracy: the rewards unless given); every row's
+  token holds its (tag, prompt, sample)."""
   rewards = np.asarray(rewards, np.float32)
+  accuracy = rewards if accuracy is None else np.asarray(accuracy, np.float32)
   prompts, group = rewards.shape
   rows = [(tag, p, g) for p in range(prompts) for g in range(group)]
   return dynamic_sampling.Groups(
@@ -25,7 +27,7 @@ def _groups(rewards, tag):
       puzzles=[f"{tag}-puzzle{p}" for p in range(prompts)],
       tokens=np.array([[100 * t + 10 * p + g] for t, p, g in rows]),
       mask=np.ones((prompts * group, 1)), texts=[f"{t}{p}{g}" for t, p, g in rows],
-      scores={"total": rewards, "correct": rewards}, rewards=rewards)
+      scores={"total": rewards, "accuracy": accuracy, "correct": accuracy}, rewards=rewards)
 
 
 def test_fill_batch_keeps_signal_groups_in_draw_order_then_fills():
@@ -43,6 +45,36 @@ def test_fill_batch_keeps_signal_groups_in_draw_order_then_fills():
   assert short.puzzles == ["1-puzzle1", "1-puzzle0", "1-puzzle2"]
   with pytest.raises(ValueError, match="fewer than the batch"):
     dynamic_sampling.fill_batch([first], 4)
+
+
+def test_groups_are_filtered_on_accuracy_by_default_as_dapo_does():
+  # Group 0 is all wrong, but one sample has the format and one not: its total reward varies
+  # (0.5 vs 0) while its accuracy does not. DAPO/verl (filter_groups.metric=acc) drop it.
+  accuracy = [[0, 0, 0], [1, 0, 1]]
+  total = [[0.5, 0, 0.5], [1.5, 0.5, 1.5]]
+  draw = _groups(total, tag=1, accuracy=accuracy)
+  assert dynamic_sampling.informative(draw).tolist() == [False, True]
+  assert dynamic_sampling.count_informative([draw]) == 1
+  assert dynamic_sampling.fill_batch([draw], 1).puzzles == ["1-puzzle1"]
+  # metric="reward" filters on the reward the advantages come from: both groups count.
+  assert dynamic_sampling.informative(draw, "reward").tolist() == [True, True]
+  assert dynamic_sampling.count_informative([draw], "reward") == 2
+  with pytest.raises(ValueError, match=r"dynamic_sampling_metric='format'; expected one of "
+                     r"\['accuracy', 'reward'\]"):
+    dynamic_sampling.count_informative([draw], "format")
+
+
+def test_at_the_cap_the_batch_is_filled_or_the_step_raises_as_verl():
+  draws = [_groups([[1, 1], [0, 1]], tag=1), _groups([[0, 0], [1, 1]], tag=2)]
+  filled = dynamic_sampling.fill_batch(draws, 2, at_cap="fill")
+  assert filled.puzzles == ["1-puzzle1", "1-puzzle0"]
+  with pytest.raises(ValueError, match=r"found 1 groups whose accuracy varies in 2 draws, fewer "
+                     r"than the batch of 2.*max_draws"):
+    dynamic_sampling.fill_batch(draws, 2, at_cap="raise")
+  # Enough informative groups: "raise" takes them like "fill" does.
+  assert dynamic_sampling.fill_batch(draws, 1, at_cap="raise").puzzles == ["1-puzzle1"]
+  with pytest.raises(ValueError, match=r"dynamic_sampling_at_cap='pad'"):
+    dynamic_sampling.fill_batch(draws, 1, at_cap="pad")
 
 
 def _config():
@@ -64,7 +96,7 @@ def _scripted(script):
   """Rewards that follow `script` (one [P, G] array per draw), with the real scores' other keys."""
   def rewards(puzzles, texts, group):
     scores = rollout_rewards.score_texts(puzzles, texts, group)
-    scores["total"] = np.asarray(next(script), np.float32)
+    scores["total"] = scores["accuracy"] = np.asarray(next(script), np.float32)
     return scores
   return rewards
 
