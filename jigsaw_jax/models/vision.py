@@ -21,12 +21,11 @@ The HF checkpoint layout is in vision_hf.py, used for import and export.
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jigsaw_jax.models import vision_rope
 from jigsaw_jax.models.config import VisionConfig

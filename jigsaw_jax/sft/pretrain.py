@@ -32,10 +32,9 @@ from __future__ import annotations
 import math
 import os
 import string
-from typing import Any, Dict, List
+from typing import List
 
 from absl import logging
-import jax
 import numpy as np
 
 from jigsaw_jax import checkpoint as checkpoint_lib

@@ -8,7 +8,7 @@ function GRPO uses, so both see identical inputs.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import jax
 import jax.numpy as jnp

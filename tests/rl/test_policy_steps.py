@@ -3,7 +3,6 @@ the step into micro-batches leaves its gradient unchanged (bnpo's, by design, do
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
 from jigsaw_jax.rl.grpo import losses

@@ -40,7 +40,6 @@ import jax
 import jax.numpy as jnp
 
 from jigsaw_jax.models.adapters import lora
-from jigsaw_jax.models.adapters.config import FFN_PROJECTIONS
 
 Array = jax.Array
 LOSSES = "losses"

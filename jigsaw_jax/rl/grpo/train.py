@@ -16,7 +16,6 @@ from typing import Any, Dict, Optional
 from absl import logging
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jigsaw_jax import checkpoint as checkpoint_lib
 from jigsaw_jax import data as data_lib
@@ -58,7 +57,7 @@ def train_and_evaluate(config, workdir: str,
   rng = jax.random.key(config.seed)
   writer = metrics_lib.create_writer(workdir)
   metrics_lib.write_config(writer, config)
-  group = grpo_step_lib.GrpoConfig.from_config(config).group_size  # checks the rl settings
+  grpo_step_lib.GrpoConfig.from_config(config)  # checks the rl settings before any work
 
   # ----------------------------------------------------------------------------------------
   # Mesh and policy.

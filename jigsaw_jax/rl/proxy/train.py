@@ -24,7 +24,6 @@ from typing import Any, Dict, Optional
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 
 from jigsaw_jax import checkpoint as checkpoint_lib
 from jigsaw_jax import data as data_lib
