@@ -8,6 +8,8 @@ INSTALL_REQUIRES = [
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11.0",
     "transformers>=4.50.0",
+    # transformers renders chat templates with it; it does not require it itself.
+    "jinja2>=3.1",
     "tensorflow-datasets>=4.9.7",
     "einops>=0.8.0",
     "ml-collections>=0.1.1",
