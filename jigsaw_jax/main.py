@@ -7,12 +7,14 @@ lists the valid keys.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from jigsaw_jax import configlib
+from jigsaw_jax.runtime import run_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
@@ -29,9 +31,25 @@ TASKS = {
 }
 
 
-def run(config, workdir: str):
+def describe_from_runs(config, explicit=()) -> None:
+  """Fills in what `config` leaves to the run it restores or starts from (that run's saved
+  config.json), keeping the keys the command line set (`explicit`)."""
+  source = config.restore.workdir if config.task in ("eval", "export") else ""
+  keys = run_config.FROM_RESTORED_RUN
+  if not source and config.get("init_from"):
+    source, keys = config.init_from, run_config.FROM_INIT_RUN
+  saved = run_config.load(source) if source else None
+  if saved is not None:
+    changed = run_config.inherit(config, saved, keys, explicit)
+    if changed:
+      logging.info("From %s: %s.", os.path.join(source, run_config.FILENAME), ", ".join(changed))
+
+
+def run(config, workdir: str, explicit=()):
   if config.task not in TASKS:
     raise ValueError(f"Unknown config.task {config.task!r}; expected one of {sorted(TASKS)}.")
+  describe_from_runs(config, explicit)
+  run_config.save_first(workdir, config)
   module_name, function_name = TASKS[config.task].split(":")
   return getattr(importlib.import_module(module_name), function_name)(config, workdir)
 
@@ -50,7 +68,7 @@ def main(argv):
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required: the directory for outputs and checkpoints.")
   logging.info("config:\n%s", _CONFIG.value)
-  run(_CONFIG.value, _WORKDIR.value)
+  run(_CONFIG.value, _WORKDIR.value, configlib.explicit_keys(sys.argv[1:]))
 
 
 if __name__ == "__main__":

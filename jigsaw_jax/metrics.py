@@ -181,3 +181,13 @@ class StepTimer:
     self._reset()
     self._start = end
     return out
+
+
+def eval_table(records: Sequence[Mapping[str, Any]]) -> str:
+  """Eval records as a small aligned table for the console: one row per test set."""
+  header = ("step", "size", "question", "think", "decoding", "accuracy", "format", "n")
+  rows = [header] + [(str(r["step"]), r["size"], r["question_type"], str(r["think"]),
+                      r.get("decoding", "greedy"), f"{100 * r['accuracy']:.1f}%",
+                      f"{100 * r['format_rate']:.1f}%", str(r["n"])) for r in records]
+  widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+  return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)

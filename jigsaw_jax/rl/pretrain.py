@@ -38,7 +38,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from jigsaw_jax import checkpoint as checkpoint_lib
+from jigsaw_jax.runtime import checkpoint as checkpoint_lib
 from jigsaw_jax import data as data_lib
 from jigsaw_jax.models.processing import Processor, collate
 from jigsaw_jax.puzzles.prompts import index_grid, multiple_choice

@@ -545,3 +545,10 @@ def prefix_advantages(rewards: np.ndarray, tokens: np.ndarray, mask: np.ndarray,
         same = [h for h in range(group) if prefixes[h] == prefixes[g]]
         out[p * group + g, t] = (r[g] - r[same].mean()) / scale
   return out * mask
+
+
+def config_from(proxy: Any) -> ProxyConfig:
+  """ProxyConfig from a run config's `proxy` block."""
+  return ProxyConfig(layer=int(proxy.layer), hidden_dim=int(proxy.hidden_dim),
+                     init_accept_logit=float(proxy.init_accept_logit),
+                     max_rejections=int(proxy.max_rejections), fallback=proxy.fallback)

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jigsaw_jax import checkpoint as checkpoint_lib
+from jigsaw_jax.runtime import checkpoint as checkpoint_lib
+from jigsaw_jax.runtime import restore as restore_lib
 from jigsaw_jax import data as data_lib
 from jigsaw_jax import evaluate as evaluate_lib
 from jigsaw_jax import metrics as metrics_lib
@@ -44,10 +45,7 @@ from jigsaw_jax.rl.steps import make_optimizer
 
 
 def proxy_config(config) -> proxy_lib.ProxyConfig:
-  p = config.proxy
-  return proxy_lib.ProxyConfig(layer=int(p.layer), hidden_dim=int(p.hidden_dim),
-                               init_accept_logit=float(p.init_accept_logit),
-                               max_rejections=int(p.max_rejections), fallback=p.fallback)
+  return proxy_lib.config_from(config.proxy)
 
 
 def loss_config(config) -> proxy_lib.ProxyLossConfig:
@@ -55,18 +53,6 @@ def loss_config(config) -> proxy_lib.ProxyLossConfig:
       epsilon_low=float(config.rl.epsilon_low), epsilon_high=float(config.rl.epsilon_high),
       aggregation=config.proxy.aggregation, entropy_coef=float(config.proxy.entropy_coef),
       objective=config.proxy.objective)
-
-
-class _PolicyWithProxy:
-  """The Evaluator's sampler interface (`generate(params, batch, rng)`) for the frozen policy plus
-  the proxy: `params` is the pair (policy params, proxy params)."""
-
-  def __init__(self, sampler: proxy_lib.ProxySampler, deterministic: bool):
-    self.sampler, self.deterministic = sampler, deterministic
-
-  def generate(self, params, batch, rng):
-    policy, proxy = params
-    return self.sampler.generate(policy, proxy, batch, rng, deterministic=self.deterministic)
 
 
 def _update(optimizer, params, opt_state, grads):
@@ -145,7 +131,7 @@ def train(config, workdir: str) -> Dict[str, Any]:
   if config.pretrain.steps:
     policy = pretrain_lib.pretrain(config, model_cfg, processor, policy, workdir)
   if config.init_from:
-    policy = grpo_trainer.params_of_run(config, config.init_from, policy)
+    policy = restore_lib.policy_variables(config, config.init_from, policy)
   network = proxy_lib.network_for(pcfg, model_cfg)
   proxy_shardings = sharding_lib.logical_to_sharding(
       proxy_lib.abstract_proxy_params(model_cfg, pcfg, network), mesh, rules)
@@ -191,11 +177,8 @@ def train(config, workdir: str) -> Dict[str, Any]:
   # ----------------------------------------------------------------------------------------
   ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config.checkpoint)
   state = {"proxy": proxy_params, "opt_state": opt_state, "step": jnp.int32(0), "rng": rng}
-  restored = ckpt.restore(state)
-  if restored is not None:
-    state = restored.state
-    data_iter.set_state(restored.data_state)
-    logging.info("Resumed from step %d.", int(state["step"]))
+  if ckpt.latest_step() is not None:
+    state = restore_lib.resume(ckpt, state, data_iter)
   else:
     state["proxy"] = calibrate(config, state["proxy"], sampler, policy, processor)
 
@@ -208,20 +191,14 @@ def train(config, workdir: str) -> Dict[str, Any]:
     evaluator = evaluate_lib.Evaluator(model_cfg, processor, config.data, config.eval,
                                        processor.special_ids.eos_ids)
     base_generate = evaluator.sampler
-    # Greedy proposals from the same plausible set as training (so a rejection moves the answer
-    # to the next most likely token the policy finds plausible, never outside the set).
-    r = config.rollout
-    eval_rollout = dataclasses.replace(evaluator.sampler.cfg, sampling=dataclasses.replace(
-        evaluator.sampler.cfg.sampling, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p))
-    with_proxy = _PolicyWithProxy(proxy_lib.ProxySampler(model_cfg, eval_rollout, pcfg, network),
-                                  bool(config.proxy.eval_deterministic))
+    with_proxy = evaluate_lib.proxy_sampler(config, evaluator, model_cfg, pcfg)
 
   def run_eval(step: int, base: bool = False):
     evaluator.sampler = base_generate if base else with_proxy
     params = policy if base else (policy, state["proxy"])
     records, samples = evaluator(params, step)
     out_dir = os.path.join(workdir, "eval_frozen_base") if base else workdir
-    evaluate_lib.append_records(out_dir, records)
+    evaluate_lib.append_records(out_dir, records, samples)
     evaluate_lib.write_gallery(os.path.join(out_dir, f"gallery_step{step}.png"), samples)
     prefix = "eval_frozen_base" if base else "eval"
     metrics_lib.write_scalars(writer, step, {

@@ -115,7 +115,8 @@ def train(config, workdir: str):
   completions rejection-sampled from the policy itself (only correct, well-formatted ones)."""
   import os
   from absl import logging
-  from jigsaw_jax import checkpoint as checkpoint_lib
+  from jigsaw_jax.runtime import checkpoint as checkpoint_lib
+  from jigsaw_jax.runtime import restore as restore_lib
   from jigsaw_jax import data as data_lib
   from jigsaw_jax import evaluate as evaluate_lib
   from jigsaw_jax import metrics as metrics_lib
@@ -150,10 +151,7 @@ def train(config, workdir: str):
       data_cfg, record_transform=rollout_rewards.encode_record(processor),
       shard_index=jax.process_index(), shard_count=jax.process_count()))
   ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config.checkpoint)
-  restored = ckpt.restore(state)
-  if restored is not None:
-    state = restored.state
-    data_iter.set_state(restored.data_state)
+  state = restore_lib.resume(ckpt, state, data_iter)
   mode = config.sft.mode
   if mode not in ("ground_truth", "rejection_sampling"):
     raise ValueError(f"config.sft.mode must be 'ground_truth' or 'rejection_sampling', got {mode!r}.")

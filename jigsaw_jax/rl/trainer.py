@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jigsaw_jax import checkpoint as checkpoint_lib
+from jigsaw_jax.runtime import checkpoint as checkpoint_lib
+from jigsaw_jax.runtime import restore as restore_lib
 from jigsaw_jax import data as data_lib
 from jigsaw_jax import evaluate as evaluate_lib
 from jigsaw_jax import metrics as metrics_lib
@@ -65,21 +66,6 @@ def optimizer_for(config):
                         o.grad_clip, o.b1, o.b2, o.eps, o.end_learning_rate)
 
 
-def params_of_run(config, run_workdir: str, like):
-  """The latest params of another run (GRPO or SFT) saved under `run_workdir`."""
-  optimizer = optimizer_for(config)
-  target = {"params": like, "opt_state": optimizer.init(like), "step": jnp.int32(0),
-            "rng": jax.random.key(0)}
-  ckpt = checkpoint_lib.Checkpointer.from_config(run_workdir, config.checkpoint)
-  restored = ckpt.restore(target)
-  ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"config.init_from={run_workdir!r} holds no checkpoint under "
-                            f"{config.checkpoint.subdir!r}; point it at a finished run's workdir.")
-  logging.info("Starting from step %d of %s.", restored.step, run_workdir)
-  return restored.state["params"]
-
-
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Runs GRPO as `config` says; returns the final step's metrics."""
   # ----------------------------------------------------------------------------------------
@@ -111,7 +97,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   if config.pretrain.steps:
     params = pretrain_lib.pretrain(config, model_cfg, processor, params, workdir)
   if config.init_from:
-    params = params_of_run(config, config.init_from, params)
+    params = restore_lib.policy_variables(config, config.init_from, params)
   # With config.adapter the base is frozen outside the train state: `params` (trained, saved)
   # becomes the adapter collection, and the policy is adapters_lib.join(params, frozen).
   model_cfg, params, frozen = policy_lib.attach_adapter(config, model_cfg, params, init_rng)
@@ -146,11 +132,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   # ----------------------------------------------------------------------------------------
   ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config.checkpoint)
   state = {"params": params, "opt_state": opt_state, "step": jnp.int32(0), "rng": rng}
-  restored = ckpt.restore(state)
-  if restored is not None:
-    state = restored.state
-    data_iter.set_state(restored.data_state)
-    logging.info("Resumed from step %d.", int(state["step"]))
+  state = restore_lib.resume(ckpt, state, data_iter)
   # The KL reference is the initial policy; with beta = 0 it is never computed.
   ref_params = initial_params if config.rl.beta != 0.0 else None
   policy = lambda: adapters_lib.join(state["params"], frozen)  # all variables of the policy
@@ -172,14 +154,12 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
 
   def run_eval(step: int):
     records, samples = evaluator(policy(), step)
-    evaluate_lib.append_records(workdir, records)
+    evaluate_lib.append_records(workdir, records, samples)
     evaluate_lib.write_gallery(os.path.join(workdir, f"gallery_step{step}.png"), samples)
     metrics_lib.write_scalars(writer, step, {
         f"eval/{r['question_type']}_{'think' if r['think'] else 'nothink'}_{r['size']}/accuracy":
         r["accuracy"] for r in records})
-    for r in records:
-      logging.info("eval step %d %s %s think=%s: accuracy %.3f format %.3f", step, r["size"],
-                   r["question_type"], r["think"], r["accuracy"], r["format_rate"])
+    logging.info("eval at step %d:\n%s", step, metrics_lib.eval_table(records))
     return records
 
   # ----------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from configs import jigsaw_2x1
-from jigsaw_jax import checkpoint as checkpoint_lib
+from jigsaw_jax.runtime import checkpoint as checkpoint_lib
 from jigsaw_jax.models import adapters, policy as policy_lib
 from jigsaw_jax.rl import sft, trainer
 

@@ -183,7 +183,7 @@ def test_the_proxy_is_small():
 
 @pytest.mark.slow
 def test_task_proxy_trains_and_checkpoints_only_the_proxy(tmp_path):
-  from jigsaw_jax import checkpoint as checkpoint_lib
+  from jigsaw_jax.runtime import checkpoint as checkpoint_lib
   from jigsaw_jax import main
   from jigsaw_jax import configlib
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
