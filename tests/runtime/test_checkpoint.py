@@ -178,7 +178,7 @@ _RESHARD_SCRIPT = textwrap.dedent("""
 
 
 def test_restore_reshards_onto_the_target_mesh(tmp_path):
-  repo = pathlib.Path(__file__).resolve().parents[1]
+  repo = pathlib.Path(__file__).resolve().parents[2]
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=4",
              PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
