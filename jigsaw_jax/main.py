@@ -28,6 +28,7 @@ TASKS = {
     "sft": "jigsaw_jax.rl.sft:train",
     "eval": "jigsaw_jax.evaluate:run",
     "proxy": "jigsaw_jax.rl.proxy_trainer:train",
+    "export": "jigsaw_jax.export:export",
 }
 
 
