@@ -13,6 +13,7 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets>=4.9.7",
     "einops>=0.8.0",
     "ml-collections>=0.1.1",
+    "pyyaml>=6.0",  # the console's config
     "clu>=0.0.12",
     "grain>=0.2.2",
     "safetensors>=0.4.5",

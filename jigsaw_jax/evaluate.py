@@ -109,6 +109,8 @@ class Evaluator:
     """(records, samples): one record per test set, and every scored completion."""
     records, samples = [], []
     batch_size = int(self.eval_cfg.batch_size)
+    metrics_lib.console(f"== eval at step {step}: {len(self.sets)} test set(s) of "
+                        f"{self.eval_cfg.num_puzzles} puzzles, {self.decoding} ==")
     for spec, puzzles, encoded in self.sets:
       if self.fastmem is not None:
         texts = self._fastmem_texts(params, puzzles, encoded)

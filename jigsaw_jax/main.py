@@ -7,10 +7,15 @@ lists the valid keys.
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import sys
 
+# TensorFlow (imported by clu's writers) prints INFO lines from C++ unless told before it loads.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 from absl import app, flags, logging
+import yaml
 from ml_collections import config_flags
 
 from jigsaw_jax import configlib
@@ -43,7 +48,7 @@ def describe_from_runs(config, explicit=()) -> None:
   if saved is not None:
     changed = run_config.inherit(config, saved, keys, explicit)
     if changed:
-      logging.info("From %s: %s.", os.path.join(source, run_config.FILENAME), ", ".join(changed))
+      print(f"From {os.path.join(source, run_config.FILENAME)}: {', '.join(changed)}.")
 
 
 def run(config, workdir: str, explicit=()):
@@ -51,6 +56,7 @@ def run(config, workdir: str, explicit=()):
     raise ValueError(f"Unknown config.task {config.task!r}; expected one of {sorted(TASKS)}.")
   describe_from_runs(config, explicit)
   run_config.save_first(workdir, config)
+  print(f"config ({config.task}, workdir {workdir}):\n{config_yaml(config)}", flush=True)
   module_name, function_name = TASKS[config.task].split(":")
   return getattr(importlib.import_module(module_name), function_name)(config, workdir)
 
@@ -63,12 +69,39 @@ def _parse_flags(argv):
   return flags.FLAGS(argv)
 
 
+def config_yaml(config) -> str:
+  """The config as plain, readable YAML (sorted keys, tuples as lists)."""
+  return yaml.safe_dump(json.loads(config.to_json_best_effort()), sort_keys=True,
+                        default_flow_style=None, width=100)
+
+
+def check_workdir(workdir: str) -> None:
+  """Exits with one line when --workdir cannot hold the run's outputs."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, ".write_test")
+    with open(probe, "w"):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    sys.exit(f"error: --workdir={workdir!r} cannot be used: {e.strerror or e}. Pass a directory "
+             "this user can create and write.")
+
+
+def _verbosity_given(argv) -> bool:
+  return any(a.split("=")[0] in ("--verbosity", "-v", "--v") for a in argv)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required: the directory for outputs and checkpoints.")
-  logging.info("config:\n%s", _CONFIG.value)
+  # Libraries (Orbax, absl, clu) log at INFO by the hundred; the console shows our progress lines
+  # and warnings unless --verbosity=0 (INFO) or 1 (DEBUG) asks for theirs.
+  if not _verbosity_given(sys.argv[1:]):
+    logging.set_verbosity(logging.WARNING)
+  check_workdir(_WORKDIR.value)
   run(_CONFIG.value, _WORKDIR.value, configlib.explicit_keys(sys.argv[1:]))
 
 

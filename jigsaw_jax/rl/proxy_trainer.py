@@ -204,9 +204,7 @@ def train(config, workdir: str) -> Dict[str, Any]:
     metrics_lib.write_scalars(writer, step, {
         f"{prefix}/{r['question_type']}_{'think' if r['think'] else 'nothink'}_{r['size']}"
         "/accuracy": r["accuracy"] for r in records})
-    for r in records:
-      logging.info("%s step %d %s %s: accuracy %.3f format %.3f", prefix, step, r["size"],
-                   r["question_type"], r["accuracy"], r["format_rate"])
+    metrics_lib.console(f"{prefix} at step {step}:\n{metrics_lib.eval_table(records)}")
     eval_records["frozen_base" if base else f"step_{step}"] = records
     return records
 
@@ -215,7 +213,9 @@ def train(config, workdir: str) -> Dict[str, Any]:
   # ----------------------------------------------------------------------------------------
   start_step = int(state["step"])
   total_steps = int(config.total_steps)
-  report_progress = metrics_lib.create_report_progress(writer, total_steps)
+  report_progress = metrics_lib.create_report_progress(
+      writer, total_steps, phase="Proxy-RLHF", checkpointer=ckpt,
+      max_nonfinite=config.optim.max_nonfinite_updates)
   timer = metrics_lib.StepTimer(report_progress)
   metrics_lib.write_scalars(writer, start_step, {f"proxy/{k}": v for k, v in sizes.items()})
   if evaluator is not None and config.eval.at_start and start_step == 0:
@@ -284,7 +284,7 @@ def train(config, workdir: str) -> Dict[str, Any]:
     if config.metrics.samples_every and step % int(config.metrics.samples_every) == 0:
       metrics_lib.write_samples(writer, step, [p.prompt for p in puzzles for _ in range(group)],
                                 texts, {k: v.reshape(-1) for k, v in scores.items()})
-    report_progress(step)
+    report_progress(step, last_metrics)
     if finite:
       ckpt.save(step, state, data_state=data_iter.get_state(),
                 metadata={"step": step, "reward": float(rewards.mean())},

@@ -164,6 +164,8 @@ def train(config, workdir: str):
   if config.eval.at_start and int(state["step"]) == 0:
     evaluate_lib.append_records(workdir, evaluator(policy(), 0)[0])
   bucket = int(config.rollout.prompt_bucket)
+  report_progress = metrics_lib.create_report_progress(writer, int(config.total_steps),
+                                                       phase="SFT", checkpointer=ckpt)
   for step in range(int(state["step"]) + 1, int(config.total_steps) + 1):
     batch = next(data_iter)
     prompts, puzzles = rollout_rewards.unique_prompts(batch, 1, processor, bucket)
@@ -189,6 +191,7 @@ def train(config, workdir: str):
     state["step"] = jnp.int32(step)
     metrics_lib.write_scalars(writer, step, {"sft/loss": loss,
                                              "sft/kept_fraction": len(keep) / len(targets)})
+    report_progress(step, {"sft/loss": loss})
     ckpt.save(step, state, data_state=data_iter.get_state(), force=step == config.total_steps)
     if config.eval.every_steps and step % config.eval.every_steps == 0:
       evaluate_lib.append_records(workdir, evaluator(policy(), step)[0])

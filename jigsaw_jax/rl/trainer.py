@@ -159,7 +159,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     metrics_lib.write_scalars(writer, step, {
         f"eval/{r['question_type']}_{'think' if r['think'] else 'nothink'}_{r['size']}/accuracy":
         r["accuracy"] for r in records})
-    logging.info("eval at step %d:\n%s", step, metrics_lib.eval_table(records))
+    metrics_lib.console(f"eval at step {step}:\n{metrics_lib.eval_table(records)}")
     return records
 
   # ----------------------------------------------------------------------------------------
@@ -167,7 +167,9 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   # ----------------------------------------------------------------------------------------
   start_step = int(state["step"])
   total_steps = int(config.total_steps)
-  report_progress = metrics_lib.create_report_progress(writer, total_steps)
+  report_progress = metrics_lib.create_report_progress(
+      writer, total_steps, phase="GRPO", checkpointer=ckpt,
+      max_nonfinite=config.optim.max_nonfinite_updates)
   timer = metrics_lib.StepTimer(report_progress)
   if evaluator is not None and config.eval.at_start and start_step == 0:
     run_eval(0)
@@ -266,7 +268,7 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     if config.metrics.samples_every and step % int(config.metrics.samples_every) == 0:
       metrics_lib.write_samples(writer, step, [p.prompt for p in puzzles for _ in range(group)],
                                 texts, {k: v.reshape(-1) for k, v in scores.items()})
-    report_progress(step)
+    report_progress(step, last_metrics)
     if finite:
       ckpt.save(step, state, data_state=data_iter.get_state(),
                 metadata={"step": step, "reward": float(rewards.mean())},

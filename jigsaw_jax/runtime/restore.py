@@ -176,7 +176,8 @@ def run_params(run_workdir: str, config: ml_collections.ConfigDict, *,
     if model_cfg.adapter is None:
       raise mismatch(ValueError("Its checkpoints hold adapters, but its config has "
                                 "adapter.kind='none'."))
-    target = abstract(jax.eval_shape(adapters_lib.init_adapters, model_cfg, jax.random.key(0)),
+    target = abstract(jax.eval_shape(lambda r: adapters_lib.init_adapters(model_cfg, r),
+                                     jax.random.key(0)),
                       _replicated())
     at, trained = _read(ckpt_dir, "params", target, at, what=what, mismatch=mismatch)
     return RunParams(kind, at, model_cfg, adapters_lib.join(trained, base), None, None, run_cfg)
