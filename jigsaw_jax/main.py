@@ -102,7 +102,10 @@ def main(argv):
   if not _verbosity_given(sys.argv[1:]):
     logging.set_verbosity(logging.WARNING)
   check_workdir(_WORKDIR.value)
-  run(_CONFIG.value, _WORKDIR.value, configlib.explicit_keys(sys.argv[1:]))
+  try:
+    run(_CONFIG.value, _WORKDIR.value, configlib.explicit_keys(sys.argv[1:]))
+  except FloatingPointError as e:  # a diverged run: the message says where and what to do
+    sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
