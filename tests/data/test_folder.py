@@ -156,3 +156,16 @@ def test_missing_folder_and_bad_file_list_are_clear_errors(tmp_path):
     json.dump({"images": []}, f)
   with pytest.raises(ValueError, match="JSON list of path strings"):
     data.FolderSource(str(tmp_path), file_list=list_path)
+
+
+def test_a_source_built_again_reports_its_skipped_files_once(folder, caplog):
+  """A run builds the folder source for training, pretraining and every eval set."""
+  root, _ = folder
+  caplog.set_level(logging.WARNING)
+  config = data.default_config()
+  config.source.kind = "folder"
+  config.source.path = root
+  config.source.image_size = None
+  for _ in range(3):
+    assert data.make_image_source(config.source).num_skipped == 3
+  assert len(_data_warnings(caplog)) == 1
