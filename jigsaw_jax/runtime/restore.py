@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from jigsaw_jax import metrics as metrics_lib
 from jigsaw_jax.models import adapters as adapters_lib
 from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.models.config import ModelConfig
@@ -70,7 +71,7 @@ def resume(ckpt: checkpoint_lib.Checkpointer, state: Any, data_iter=None) -> Any
     return state
   if data_iter is not None:
     data_iter.set_state(restored.data_state)
-  logging.info("Resumed from step %d.", restored.step)
+  metrics_lib.console(f"Resumed from step {restored.step} of {ckpt.directory}.")
   return restored.state
 
 
