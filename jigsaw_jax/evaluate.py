@@ -27,11 +27,13 @@ import numpy as np
 from jigsaw_jax import data as data_lib
 from jigsaw_jax import fastmem as fastmem_lib
 from jigsaw_jax import metrics as metrics_lib
+from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.models.processing import Processor, collate
 from jigsaw_jax.puzzles import rewards as rewards_lib
 from jigsaw_jax.rl import proxy as proxy_lib
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rollout.sampler import RolloutConfig, Sampler
+from jigsaw_jax.runtime import restore as restore_lib
 from jigsaw_jax.rollout.sampling import SamplingConfig
 
 
@@ -288,9 +290,6 @@ def run(config, workdir: str):
   """Restores a run's parameters (its latest checkpoint, or `config.restore.step`) from
   `config.restore.workdir` (default: --workdir) and evaluates them on every test set: a full
   policy, adapters on their base, or a proxy steering its frozen base."""
-  from jigsaw_jax.models import policy as policy_lib
-  from jigsaw_jax.runtime import restore as restore_lib
-
   model_cfg = policy_lib.model_config(config.model)
   processor = policy_lib.processor(config.model)
   source = config.restore.workdir or workdir

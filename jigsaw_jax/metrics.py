@@ -82,7 +82,8 @@ class Progress(periodic_actions.ReportProgress):
   def __call__(self, step: int, metrics: Optional[Mapping[str, Any]] = None) -> bool:
     now = self.clock()
     if self._first is None:
-      self._first = (step, now)
+      # The first step includes compilation: its time would make a wild first ETA.
+      self._first, self._last_print = (step, now), now
       console(f"== {self.phase}: step {step} of {self._num_train_steps} ==")
     metrics = dict(metrics or {})
     self._check_finite(step, metrics)
@@ -97,7 +98,7 @@ class Progress(periodic_actions.ReportProgress):
     if step > first_step:
       per_step = (now - started) / (step - first_step)
     else:
-      per_step = _finite_value(metrics.get("time/step_s", float("nan")))
+      per_step = None
     parts = []
     for name, label in PROGRESS_METRICS:
       value = _finite_value(metrics[name]) if name in metrics else None

@@ -125,17 +125,18 @@ def test_progress_prints_step_metrics_and_eta_every_interval(capsys):
   clock = _Clock()
   progress = metrics.Progress("GRPO", 10, console_secs=30.0, clock=clock)
   progress(1, {"reward/total": 0.5, "kl": 0.01})
-  first = capsys.readouterr().out.splitlines()
-  assert first[0] == "== GRPO: step 1 of 10 =="
-  assert first[1].startswith("GRPO 1/10 (10%): reward 0.5, KL 0.01")
+  assert capsys.readouterr().out.splitlines() == ["== GRPO: step 1 of 10 =="]
   clock.now = 10.0
   progress(2, {"reward/total": 0.6})
   assert capsys.readouterr().out == ""  # within the interval: quiet
   clock.now = 40.0
-  progress(3, {"reward/total": 0.7, "reward/accuracy": 0.25})
-  # 40 s for steps 2..3: 20 s/step, 7 steps to go.
+  progress(3, {"reward/total": 0.7, "reward/accuracy": 0.25, "kl": 0.01})
+  # 40 s for steps 2..3 (the first step, with its compilation, not counted): 20 s/step, 7 to go.
   assert capsys.readouterr().out.strip() == (
-      "GRPO 3/10 (30%): reward 0.7, accuracy 0.25; 20.00 s/step, ETA 2m20s")
+      "GRPO 3/10 (30%): reward 0.7, accuracy 0.25, KL 0.01; 20.00 s/step, ETA 2m20s")
+  clock.now = 50.0
+  progress(10, {})  # the last step always reports
+  assert capsys.readouterr().out.strip().startswith("GRPO 10/10 (100%): ")
 
 
 def test_progress_stops_after_consecutive_nonfinite_updates(tmp_path):

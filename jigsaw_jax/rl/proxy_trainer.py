@@ -16,7 +16,6 @@ summary with the trainable-parameter ratio goes to `<workdir>/proxy_summary.json
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import os

@@ -6,14 +6,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import jigsaw_2x1
 from jigsaw_jax.runtime import checkpoint as checkpoint_lib
 from jigsaw_jax.runtime import restore as restore_lib
-from jigsaw_jax.models import adapters, policy as policy_lib
+from jigsaw_jax.models import adapters
 from jigsaw_jax.rl import sft, trainer
 
 KINDS = ("lora", "moe_lora", "graph_moe")
