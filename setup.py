@@ -8,9 +8,12 @@ INSTALL_REQUIRES = [
     "optax>=0.2.4",
     "orbax-checkpoint>=0.11.0",
     "transformers>=4.50.0",
+    # transformers renders chat templates with it; it does not require it itself.
+    "jinja2>=3.1",
     "tensorflow-datasets>=4.9.7",
     "einops>=0.8.0",
     "ml-collections>=0.1.1",
+    "pyyaml>=6.0",  # the console's config
     "clu>=0.0.12",
     "grain>=0.2.2",
     "safetensors>=0.4.5",

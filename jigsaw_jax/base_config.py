@@ -63,7 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
   # AdamW, lr 1e-6 decaying linearly to 0, no warmup, no weight decay, clip 1.0.
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-6, end_learning_rate=0.0, warmup_steps=0, weight_decay=0.0,
-      grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8))
+      grad_clip=1.0, b1=0.9, b2=0.999, eps=1e-8,
+      # A run stops (naming the step and its last good checkpoint) after this many updates in a
+      # row were skipped for a non-finite gradient; 0: never stop.
+      max_nonfinite_updates=5))
 
   # Evaluation: greedy decoding on fixed test sets of these sizes.
   c.eval = ml_collections.ConfigDict(dict(

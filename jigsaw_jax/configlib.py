@@ -91,3 +91,16 @@ def check_overrides(argv: Iterable[str], flag_name: str = "config") -> None:
   for a in argv:
     if a.startswith(f"--{flag_name}."):
       resolve(config, a[len(flag_name) + 3:].split("=", 1)[0])
+
+
+def explicit_keys(argv: Iterable[str], flag_name: str = "config") -> list[str]:
+  """The dotted keys a command line sets itself: `--config.a.b=v` overrides and the `key=value`
+  fields of `--config=file.py:arg` (preset words such as `tiny` set whole groups and are not
+  counted)."""
+  keys = []
+  for a in argv:
+    if a.startswith(f"--{flag_name}="):
+      keys += list(parse_arg(a.split("=", 1)[1].partition(":")[2])[1])
+    elif a.startswith(f"--{flag_name}."):
+      keys.append(a[len(flag_name) + 3:].split("=", 1)[0])
+  return keys

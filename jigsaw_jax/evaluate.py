@@ -16,6 +16,7 @@ solved and failed puzzles.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from typing import Any, Dict, List, Optional, Sequence
@@ -25,10 +26,15 @@ import numpy as np
 
 from jigsaw_jax import data as data_lib
 from jigsaw_jax import fastmem as fastmem_lib
+from jigsaw_jax import metrics as metrics_lib
+from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.models.processing import Processor, collate
+from jigsaw_jax.puzzles import rewards as rewards_lib
+from jigsaw_jax.rl.proxy import sampler as proxy_sampler_lib
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.generate.sampler import RolloutConfig, Sampler
 from jigsaw_jax.generate.sampling import SamplingConfig
+from jigsaw_jax.runtime import restore as restore_lib
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -59,7 +65,9 @@ def test_puzzles(data_cfg, eval_cfg, size: str, question_type: str, think: bool)
     p.puzzle.m, p.puzzle.n, p.puzzle.question_type, p.puzzle.think = m, n, question_type, think
     # Each size as stated (the paper's swapped "2x1" sets are the mean of 2x1 and 1x2 here).
     p.puzzle.shuffle_mn = bool(eval_cfg.shuffle_mn)
-  return next(iter(data_lib.make_dataset(cfg)))["puzzle"]
+  batch = next(iter(data_lib.make_dataset(cfg)))
+  return [dataclasses.replace(p, source_index=int(i))
+          for p, i in zip(batch["puzzle"], batch["image_index"])]
 
 
 class Evaluator:
@@ -103,6 +111,8 @@ class Evaluator:
     """(records, samples): one record per test set, and every scored completion."""
     records, samples = [], []
     batch_size = int(self.eval_cfg.batch_size)
+    metrics_lib.console(f"== eval at step {step}: {len(self.sets)} test set(s) of "
+                        f"{self.eval_cfg.num_puzzles} puzzles, {self.decoding} ==")
     for spec, puzzles, encoded in self.sets:
       if self.fastmem is not None:
         texts = self._fastmem_texts(params, puzzles, encoded)
@@ -127,15 +137,49 @@ class Evaluator:
           n=len(puzzles)))
       for i, (puzzle, text) in enumerate(zip(puzzles, texts)):
         samples.append(dict(spec, step=int(step), puzzle=puzzle, completion=text,
-                            correct=float(scores["correct"][i, 0])))
+                            correct=float(scores["correct"][i, 0]),
+                            score=float(scores["accuracy"][i, 0]),
+                            format=float(scores["format"][i, 0]), decoding=self.decoding))
     return records, samples
 
 
 # -- reports ------------------------------------------------------------------------------------
 
 
-def append_records(workdir: str, records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-  """Adds records to eval.json (replacing any of the same set and step) and rewrites the reports."""
+PUZZLE_RECORDS = "eval_puzzles.jsonl"
+
+
+def puzzle_record(sample: Dict[str, Any]) -> Dict[str, Any]:
+  """One evaluated puzzle as JSON: what the policy was asked, what it answered, how it scored."""
+  puzzle = sample["puzzle"]
+  extracted = rewards_lib.extract_answer(sample["completion"], puzzle.answer_type, puzzle.think,
+                                         puzzle.m, puzzle.n)
+  solution = puzzle.solution
+  return dict(
+      step=sample["step"], size=sample["size"], question_type=sample["question_type"],
+      think=sample["think"], decoding=sample.get("decoding", "greedy"),
+      image_index=puzzle.source_index, prompt=puzzle.prompt, completion=sample["completion"],
+      extracted=extracted, solution=solution if isinstance(solution, str) else list(
+          map(int, solution)), accuracy=sample["correct"], score=sample.get("score"),
+      format=sample.get("format"))
+
+
+def append_puzzle_records(workdir: str, samples: Sequence[Dict[str, Any]]) -> str:
+  """Appends one JSON line per evaluated puzzle to eval_puzzles.jsonl next to eval.json."""
+  path = os.path.join(workdir, PUZZLE_RECORDS)
+  os.makedirs(workdir, exist_ok=True)
+  with open(path, "a") as f:
+    for sample in samples:
+      f.write(json.dumps(puzzle_record(sample)) + "\n")
+  return path
+
+
+def append_records(workdir: str, records: List[Dict[str, Any]],
+                   samples: Optional[Sequence[Dict[str, Any]]] = None) -> List[Dict[str, Any]]:
+  """Adds records to eval.json (replacing any of the same set and step) and rewrites the reports;
+  with `samples`, their per-puzzle records go to eval_puzzles.jsonl."""
+  if samples:
+    append_puzzle_records(workdir, samples)
   path = os.path.join(workdir, "eval.json")
   existing = json.load(open(path)) if os.path.exists(path) else []
   key = lambda r: (r["size"], r["question_type"], r["think"], r["step"],
@@ -219,37 +263,49 @@ def write_gallery(path: str, samples: List[Dict[str, Any]], per_kind: int = 4) -
 # -- the `eval` task -----------------------------------------------------------------------------
 
 
+class PolicyWithProxy:
+  """The Evaluator's sampler interface (`generate(params, batch, rng)`) for a frozen policy plus
+  a Proxy-RLHF proxy: `params` is the pair (policy variables, proxy params)."""
+
+  def __init__(self, sampler, deterministic: bool):
+    self.sampler, self.deterministic = sampler, deterministic
+
+  def generate(self, params, batch, rng):
+    policy, proxy = params
+    return self.sampler.generate(policy, proxy, batch, rng, deterministic=self.deterministic)
+
+
+def proxy_sampler(config, evaluator: Evaluator, model_cfg, proxy_cfg) -> PolicyWithProxy:
+  """Greedy proposals from the same plausible set as the proxy's training rollouts (so a
+  rejection moves the answer to the next most likely token the policy finds plausible)."""
+  r = config.rollout
+  cfg = evaluator.sampler.cfg
+  rollout = dataclasses.replace(cfg, sampling=dataclasses.replace(
+      cfg.sampling, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p))
+  return PolicyWithProxy(proxy_sampler_lib.ProxySampler(model_cfg, rollout, proxy_cfg),
+                         bool(config.proxy.eval_deterministic))
+
+
 def run(config, workdir: str):
   """Restores a run's parameters (its latest checkpoint, or `config.restore.step`) from
-  `config.restore.workdir` (default: --workdir) and evaluates them on every test set."""
-  import jax.numpy as jnp
-  from jigsaw_jax import checkpoint as checkpoint_lib
-  from jigsaw_jax.models import policy as policy_lib
-  from jigsaw_jax.rl import components
-
+  `config.restore.workdir` (default: --workdir) and evaluates them on every test set: a full
+  policy, adapters on their base, or a proxy steering its frozen base."""
   model_cfg = policy_lib.model_config(config.model)
   processor = policy_lib.processor(config.model)
-  params = policy_lib.initial_params(config.model, model_cfg, jax.random.key(config.seed))
   source = config.restore.workdir or workdir
-  step = 0
+  step, found = 0, None
   if config.restore.from_checkpoint:
-    optimizer = components.optimizer_for(config)
-    target = {"params": params, "opt_state": optimizer.init(params), "step": jnp.int32(0),
-              "rng": jax.random.key(0)}
-    ckpt = checkpoint_lib.Checkpointer.from_config(source, config.checkpoint)
-    restored = ckpt.restore(target, step=config.restore.step or None)
-    if restored is None:
-      raise FileNotFoundError(
-          f"No checkpoint under {os.path.join(source, config.checkpoint.subdir)}; train first, "
-          "or set --config.restore.from_checkpoint=False to evaluate the initial policy.")
-    params, step = restored.state["params"], restored.step
-    ckpt.close()
+    found = restore_lib.run_params(source, config, step=config.restore.step or None)
+    model_cfg, params, step = found.model_cfg, found.variables, found.step
+  else:
+    params = policy_lib.initial_params(config.model, model_cfg, jax.random.key(config.seed))
   evaluator = Evaluator(model_cfg, processor, config.data, config.eval,
                         processor.special_ids.eos_ids)
+  if found is not None and found.kind == restore_lib.PROXY:
+    evaluator.sampler = proxy_sampler(found.config, evaluator, model_cfg, found.proxy_cfg)
+    params = (params, found.proxy)
   records, samples = evaluator(params, step)
-  append_records(workdir, records)
+  append_records(workdir, records, samples)
   write_gallery(os.path.join(workdir, f"gallery_step{step}.png"), samples)
-  for r in records:
-    print(f"step {step} {r['size']} {r['question_type']} think={r['think']}: "
-          f"accuracy {100 * r['accuracy']:.1f}% format {100 * r['format_rate']:.1f}% n={r['n']}")
+  print(metrics_lib.eval_table(records))
   return records

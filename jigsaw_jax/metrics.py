@@ -26,15 +26,122 @@ def create_writer(workdir: str, *, just_logging: Optional[bool] = None,
                                               asynchronous=asynchronous)
 
 
-def create_report_progress(writer: metric_writers.MetricWriter, num_train_steps: int, *,
-                           every_steps: Optional[int] = None,
-                           every_secs: Optional[float] = 60.0) -> periodic_actions.ReportProgress:
-  """clu's progress hook: logs steps/s, % done and ETA; writes `steps_per_sec` and `uptime`.
+# The metrics a progress line shows when a step reports them: (metric name, label).
+PROGRESS_METRICS = (("reward/total", "reward"), ("reward/accuracy", "accuracy"), ("kl", "KL"),
+                    ("loss", "loss"), ("sft/loss", "loss"), ("proxy/accept_rate", "accept"))
 
-  Call it as `report_progress(step)` after every step; it decides itself when to report.
+
+class NonFiniteTrainingError(FloatingPointError):
+  """Updates stayed non-finite: the run stops rather than train on with NaN losses."""
+
+
+def console(text: str) -> None:
+  """A line for the person watching the run (process 0 only), whatever the log verbosity."""
+  if jax.process_index() == 0:
+    print(text, flush=True)
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def _finite_value(value: Any) -> Optional[float]:
+  try:
+    array = np.asarray(jax.device_get(value))
+  except TypeError:
+    return None
+  return float(array.reshape(())) if array.size == 1 else None
+
+
+class Progress(periodic_actions.ReportProgress):
+  """clu's progress hook (steps/s and uptime to the writer, timed phases) plus a console line
+  every `console_secs`: step/total, the key metrics, s/step and an ETA; and a stop when updates
+  stay non-finite.
+
+  Call it as `progress(step, metrics)` after every step. A step whose metrics say
+  `skipped_update` (its gradient was NaN/Inf and the update was refused) counts; after
+  `max_nonfinite` in a row it raises NonFiniteTrainingError naming the step, the metrics that
+  went non-finite and the last good checkpoint.
   """
-  return periodic_actions.ReportProgress(num_train_steps=num_train_steps, writer=writer,
-                                         every_steps=every_steps, every_secs=every_secs)
+
+  def __init__(self, phase: str, num_train_steps: int, writer=None, *,
+               console_secs: float = 30.0, checkpointer: Any = None, max_nonfinite: int = 0,
+               every_steps: Optional[int] = None, every_secs: Optional[float] = 60.0,
+               clock: Callable[[], float] = time.monotonic):
+    # every_steps / every_secs: how often clu writes steps_per_sec and uptime.
+    super().__init__(num_train_steps=num_train_steps, writer=writer, every_steps=every_steps,
+                     every_secs=every_secs)
+    self.phase, self.console_secs, self.clock = phase, float(console_secs), clock
+    self.checkpointer, self.max_nonfinite = checkpointer, int(max_nonfinite)
+    self.nonfinite_in_a_row = 0
+    self._first: Optional[tuple[int, float]] = None
+    self._last_print = -float("inf")
+
+  def __call__(self, step: int, metrics: Optional[Mapping[str, Any]] = None) -> bool:
+    now = self.clock()
+    if self._first is None:
+      # The first step includes compilation: its time would make a wild first ETA.
+      self._first, self._last_print = (step, now), now
+      console(f"== {self.phase}: step {step} of {self._num_train_steps} ==")
+    metrics = dict(metrics or {})
+    self._check_finite(step, metrics)
+    if now - self._last_print >= self.console_secs or step == self._num_train_steps:
+      self._last_print = now
+      console(self.line(step, metrics, now))
+    return super().__call__(step)
+
+  def line(self, step: int, metrics: Mapping[str, Any], now: float) -> str:
+    # Timed from the first report on, so the first step's compilation does not skew the ETA.
+    first_step, started = self._first
+    if step > first_step:
+      per_step = (now - started) / (step - first_step)
+    else:
+      per_step = None
+    parts = []
+    for name, label in PROGRESS_METRICS:
+      value = _finite_value(metrics[name]) if name in metrics else None
+      if value is not None:
+        parts.append(f"{label} {value:.4g}")
+    total = self._num_train_steps
+    timing = "timing after the next step"
+    if per_step is not None and np.isfinite(per_step):
+      timing = f"{per_step:.2f} s/step, ETA {_duration(per_step * max(total - step, 0))}"
+    return (f"{self.phase} {step}/{total} ({100 * step / max(total, 1):.0f}%): "
+            + ", ".join(parts) + ("; " if parts else "") + timing)
+
+  def _check_finite(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not metrics.get("skipped_update"):
+      self.nonfinite_in_a_row = 0
+      return
+    self.nonfinite_in_a_row += 1
+    if not self.max_nonfinite or self.nonfinite_in_a_row < self.max_nonfinite:
+      return
+    bad = sorted(k for k, v in metrics.items()
+                 if (x := _finite_value(v)) is not None and not np.isfinite(x))
+    where = "no checkpoint was saved yet"
+    if self.checkpointer is not None:
+      self.checkpointer.wait_until_finished()
+      latest = self.checkpointer.latest_step()
+      if latest is not None:
+        where = f"the last good checkpoint is step {latest} in {self.checkpointer.directory}"
+    raise NonFiniteTrainingError(
+        f"{self.phase} stopped at step {step}: {self.nonfinite_in_a_row} updates in a row were "
+        f"non-finite and skipped (non-finite: {', '.join(bad) or 'the gradient'}); {where}. "
+        "Lower config.optim.learning_rate (or raise config.optim.max_nonfinite_updates) and "
+        "run the same command again to resume from it.")
+
+
+def create_report_progress(writer: Optional[metric_writers.MetricWriter], num_train_steps: int,
+                           *, phase: str = "training", checkpointer: Any = None,
+                           max_nonfinite: int = 0, console_secs: float = 30.0,
+                           every_steps: Optional[int] = None,
+                           every_secs: Optional[float] = 60.0) -> Progress:
+  """The loops' progress hook (`Progress`): call it as `report_progress(step, metrics)`."""
+  return Progress(phase, num_train_steps, writer, console_secs=console_secs,
+                  checkpointer=checkpointer, max_nonfinite=max_nonfinite,
+                  every_steps=every_steps, every_secs=every_secs)
 
 
 def flatten_scalars(scalars: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
@@ -181,6 +288,16 @@ class StepTimer:
     self._reset()
     self._start = end
     return out
+
+
+def eval_table(records: Sequence[Mapping[str, Any]]) -> str:
+  """Eval records as a small aligned table for the console: one row per test set."""
+  header = ("step", "size", "question", "think", "decoding", "accuracy", "format", "n")
+  rows = [header] + [(str(r["step"]), r["size"], r["question_type"], str(r["think"]),
+                      r.get("decoding", "greedy"), f"{100 * r['accuracy']:.1f}%",
+                      f"{100 * r['format_rate']:.1f}%", str(r["n"])) for r in records]
+  widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+  return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
 
 
 class NullTimer:

@@ -111,3 +111,55 @@ def test_markdown_table_escapes_and_truncates():
 def test_non_scalar_metric_is_refused():
   with pytest.raises(ValueError, match="'loss' has shape \\(2,\\)"):
     metrics.flatten_scalars({"loss": jnp.ones(2)})
+
+
+class _Clock:
+  def __init__(self):
+    self.now = 0.0
+
+  def __call__(self):
+    return self.now
+
+
+def test_progress_prints_step_metrics_and_eta_every_interval(capsys):
+  clock = _Clock()
+  progress = metrics.Progress("GRPO", 10, console_secs=30.0, clock=clock)
+  progress(1, {"reward/total": 0.5, "kl": 0.01})
+  assert capsys.readouterr().out.splitlines() == ["== GRPO: step 1 of 10 =="]
+  clock.now = 10.0
+  progress(2, {"reward/total": 0.6})
+  assert capsys.readouterr().out == ""  # within the interval: quiet
+  clock.now = 40.0
+  progress(3, {"reward/total": 0.7, "reward/accuracy": 0.25, "kl": 0.01})
+  # 40 s for steps 2..3 (the first step, with its compilation, not counted): 20 s/step, 7 to go.
+  assert capsys.readouterr().out.strip() == (
+      "GRPO 3/10 (30%): reward 0.7, accuracy 0.25, KL 0.01; 20.00 s/step, ETA 2m20s")
+  clock.now = 50.0
+  progress(10, {})  # the last step always reports
+  assert capsys.readouterr().out.strip().startswith("GRPO 10/10 (100%): ")
+
+
+def test_progress_stops_after_consecutive_nonfinite_updates(tmp_path):
+  from jigsaw_jax.runtime import checkpoint as ckpt_lib
+  import jax.numpy as jnp
+  with ckpt_lib.Checkpointer(tmp_path, async_save=False) as ckpt:
+    ckpt.save(2, {"w": jnp.ones(2)}, force=True)
+    progress = metrics.Progress("GRPO", 100, checkpointer=ckpt, max_nonfinite=3,
+                                    console_secs=1e9)
+    bad = {"skipped_update": 1.0, "loss": float("nan"), "grad_norm": float("inf"), "kl": 0.0}
+    progress(3, bad)
+    progress(4, {"skipped_update": 0.0, "loss": 1.0})  # a good step resets the count
+    progress(5, bad)
+    progress(6, bad)
+    with pytest.raises(metrics.NonFiniteTrainingError,
+                       match=r"step 7: 3 updates in a row.*grad_norm, loss.*step 2 in"):
+      progress(7, bad)
+
+
+def test_eval_table_has_a_row_per_set():
+  table = metrics.eval_table([
+      dict(step=4, size="2x1", question_type="full", think=False, accuracy=0.5, format_rate=1.0,
+           n=8)])
+  lines = table.splitlines()
+  assert len(lines) == 2 and lines[1].split() == ["4", "2x1", "full", "False", "greedy",
+                                                  "50.0%", "100.0%", "8"]

@@ -90,6 +90,9 @@ def _list_candidates(root: str, file_list: Optional[str],
   return sorted(paths), f"files ending in {'/'.join(extensions)} under {root!r} (recursively)"
 
 
+_WARNED: set = set()  # (root, file list, skipped paths) already reported
+
+
 def candidate_paths(path: str, file_list: Optional[str] = None,
                     extensions: Sequence[str] = EXTENSIONS) -> List[str]:
   """The files a FolderSource over `path`/`file_list` would consider (not validated)."""
@@ -156,7 +159,11 @@ class FolderSource:
              f"Point config.data.source.path at a folder holding {'/'.join(extensions)} images")
       raise ValueError(
           f"The folder image source has no images: it looked for {where} and {found}. {how}.")
-    if self.skipped:
+    # A run builds this source several times (training, pretraining, each eval set): the same
+    # skipped files are reported once per process.
+    warned = (self.root, file_list, tuple(p for p, _ in self.skipped))
+    if self.skipped and warned not in _WARNED:
+      _WARNED.add(warned)
       logger.warning(self._skip_message(len(candidates)))
 
   def _name(self, path: str) -> str:

@@ -83,6 +83,7 @@ class Puzzle:
   pair: Optional[Tuple[int, int]] = None
   choices: Optional[Tuple[str, ...]] = None
   instruct_model: bool = True
+  source_index: Optional[int] = None  # which image of its source it was cut from (eval records)
 
   @property
   def answer_type(self) -> str:

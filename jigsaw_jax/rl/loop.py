@@ -1,6 +1,7 @@
 """The thin training loop shared by GRPO and Proxy-RLHF: step, metrics, checkpoint, eval.
 
-    state, last_metrics = run_steps(config, step_fn, state, data_iter, ckpt, writer, evaluate)
+    state, last_metrics = run_steps(config, step_fn, state, data_iter, ckpt, writer, "GRPO",
+                                    evaluate)
 
 `step_fn(state, batches, rng, timer) -> (state, metrics, records)` is a task's step unit
 (`GrpoStep`, `ProxyStep`); `records` says what it trained on (`puzzles`, `texts`, `scores`,
@@ -19,7 +20,7 @@ from jigsaw_jax import metrics as metrics_lib
 
 
 def run_steps(config, step_fn: Callable, state: Dict[str, Any], data_iter: Iterator, ckpt,
-              writer, evaluate: Optional[Callable[[int, Any], Any]] = None
+              writer, phase: str, evaluate: Optional[Callable[[int, Any], Any]] = None
               ) -> Tuple[Dict[str, Any], Dict[str, float]]:
   """Runs the steps after `state['step']` up to `config.total_steps`: each step's metrics go to
   the writer every `config.metrics.log_every` steps, samples every `samples_every`, a
@@ -28,7 +29,11 @@ def run_steps(config, step_fn: Callable, state: Dict[str, Any], data_iter: Itera
   start_step = int(state["step"])
   total_steps = int(config.total_steps)
   group = int(config.data.pipeline.group_size)
-  report_progress = metrics_lib.create_report_progress(writer, total_steps)
+  # Console progress under `phase`; a run whose updates stay non-finite stops, naming the last
+  # good checkpoint.
+  report_progress = metrics_lib.create_report_progress(
+      writer, total_steps, phase=phase, checkpointer=ckpt,
+      max_nonfinite=config.optim.max_nonfinite_updates)
   timer = metrics_lib.StepTimer(report_progress)
   last_metrics: Dict[str, float] = {}
   for step in range(start_step + 1, total_steps + 1):
@@ -45,7 +50,7 @@ def run_steps(config, step_fn: Callable, state: Dict[str, Any], data_iter: Itera
       metrics_lib.write_samples(
           writer, step, [p.prompt for p in records.puzzles for _ in range(group)], records.texts,
           {k: v.reshape(-1) for k, v in records.scores.items()})
-    report_progress(step)
+    report_progress(step, last_metrics)
     if finite:
       ckpt.save(step, state, data_state=data_iter.get_state(),
                 metadata={"step": step, "reward": float(records.rewards.mean())},

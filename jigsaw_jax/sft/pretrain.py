@@ -37,7 +37,8 @@ from typing import List
 from absl import logging
 import numpy as np
 
-from jigsaw_jax import checkpoint as checkpoint_lib
+from jigsaw_jax import metrics as metrics_lib
+from jigsaw_jax.runtime import checkpoint as checkpoint_lib
 from jigsaw_jax import data as data_lib
 from jigsaw_jax.models.processing import Processor, collate
 from jigsaw_jax.puzzles.prompts import index_grid, multiple_choice
@@ -135,6 +136,7 @@ def pretrain(config, model_cfg, processor: Processor, params, workdir: str):
   puzzles = iter(data_lib.make_dataset(data_cfg))
   style = str(config.data.pipeline.puzzle.prompt_style)  # pretext prompts worded like the puzzles'
   rng = np.random.default_rng(np.random.SeedSequence([int(config.seed), 1]))
+  report_progress = metrics_lib.create_report_progress(None, int(p.steps), phase="pretraining")
   for step in range(1, int(p.steps) + 1):
     batch = next(puzzles)
     # A fixed number of rows per step (one compilation): the first shares of the puzzles become
@@ -156,6 +158,7 @@ def pretrain(config, model_cfg, processor: Processor, params, workdir: str):
     seq = sft.supervised_batch(model_cfg, processor, prompts, [a for _, _, a in examples],
                                int(p.target_length))
     params, opt_state, stats = steps.step(params, opt_state, seq)
+    report_progress(step, {"loss": stats["loss"]})
     if step % 50 == 0 or step == p.steps:
       logging.info("pretrain step %d/%d: loss %.4f", step, p.steps, float(stats["loss"]))
   ckpt.save(int(p.steps), {"params": params}, force=True)

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jigsaw_jax import checkpoint as checkpoint_lib
+from jigsaw_jax.runtime import checkpoint as checkpoint_lib
+from jigsaw_jax.runtime import restore as restore_lib
 from jigsaw_jax import data as data_lib
 from jigsaw_jax import evaluate as evaluate_lib
 from jigsaw_jax import metrics as metrics_lib
@@ -63,10 +64,7 @@ def train(config, workdir: str):
       data_cfg, record_transform=rollout_rewards.encode_record(processor),
       shard_index=jax.process_index(), shard_count=jax.process_count()))
   ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config.checkpoint)
-  restored = ckpt.restore(state)
-  if restored is not None:
-    state = restored.state
-    data_iter.set_state(restored.data_state)
+  state = restore_lib.resume(ckpt, state, data_iter)
   mode = config.sft.mode
   if mode not in ("ground_truth", "rejection_sampling"):
     raise ValueError(f"config.sft.mode must be 'ground_truth' or 'rejection_sampling', got {mode!r}.")
@@ -79,6 +77,8 @@ def train(config, workdir: str):
   if config.eval.at_start and int(state["step"]) == 0:
     evaluate_lib.append_records(workdir, evaluator(policy(), 0)[0])
   bucket = int(config.rollout.prompt_bucket)
+  report_progress = metrics_lib.create_report_progress(writer, int(config.total_steps),
+                                                       phase="SFT", checkpointer=ckpt)
   for step in range(int(state["step"]) + 1, int(config.total_steps) + 1):
     batch = next(data_iter)
     prompts, puzzles = rollout_rewards.unique_prompts(batch, 1, processor, bucket)
@@ -104,6 +104,7 @@ def train(config, workdir: str):
     state["step"] = jnp.int32(step)
     metrics_lib.write_scalars(writer, step, {"sft/loss": loss,
                                              "sft/kept_fraction": len(keep) / len(targets)})
+    report_progress(step, {"sft/loss": loss})
     ckpt.save(step, state, data_state=data_iter.get_state(), force=step == config.total_steps)
     if config.eval.every_steps and step % config.eval.every_steps == 0:
       evaluate_lib.append_records(workdir, evaluator(policy(), step)[0])

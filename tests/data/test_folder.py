@@ -241,3 +241,16 @@ def test_eval_on_a_folder_without_a_test_split_is_an_error_saying_how(tmp_path):
     _eval_originals(_folder_config(str(tmp_path / "train")))
   with pytest.raises(ValueError, match=r"splits \('train', 'test'\); got split='validation'"):
     data.make_image_source(dict(kind="folder", path=str(tmp_path / "train"), split="validation"))
+
+
+def test_a_source_built_again_reports_its_skipped_files_once(folder, caplog):
+  """A run builds the folder source for training, pretraining and every eval set."""
+  root, _ = folder
+  caplog.set_level(logging.WARNING)
+  config = data.default_config()
+  config.source.kind = "folder"
+  config.source.path = root
+  config.source.image_size = None
+  for _ in range(3):
+    assert data.make_image_source(config.source).num_skipped == 3
+  assert len(_data_warnings(caplog)) == 1

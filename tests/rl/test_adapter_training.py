@@ -6,14 +6,14 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import jigsaw_2x1
-from jigsaw_jax import checkpoint as checkpoint_lib
-from jigsaw_jax.models import adapters, mllm, policy as policy_lib
-from jigsaw_jax.rl import components, rollout_rewards
+from jigsaw_jax.runtime import checkpoint as checkpoint_lib
+from jigsaw_jax.runtime import restore as restore_lib
+from jigsaw_jax.models import adapters, mllm
+from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.sft import train as sft
 from jigsaw_jax.rl.grpo import train as trainer
 
@@ -42,22 +42,18 @@ def _config(kind: str, task: str):
 
 
 def _saved_adapter(config, workdir):
-  """The adapter params of the run's last checkpoint, restored into the adapter's shape (a
-  checkpoint holding anything else, the base included, fails the tree check)."""
-  model_cfg = dataclasses.replace(policy_lib.model_config(config.model),
-                                  adapter=policy_lib.adapter_config(config))
-  like = mllm.init_adapters(model_cfg, jax.random.key(0))
-  target = {"params": like, "opt_state": components.optimizer_for(config).init(like),
-            "step": jnp.int32(0), "rng": jax.random.key(0)}
-  ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config.checkpoint)
-  restored = ckpt.restore(target)
-  ckpt.close()
-  assert restored is not None and restored.step == config.total_steps
-  base_target = dict(target, params={"params": policy_lib.initial_params(
-      config.model, policy_lib.model_config(config.model), jax.random.key(0))["params"]})
-  with pytest.raises(checkpoint_lib.CheckpointMismatchError):
-    checkpoint_lib.Checkpointer.from_config(workdir, config.checkpoint).restore(base_target)
-  return restored.state["params"], like
+  """The adapter params of the run's last checkpoint, through the one restore path (which tells
+  an adapter run from its tree and rebuilds the frozen base); without the adapter in the config
+  the restore is refused with what to pass."""
+  found = restore_lib.run_params(workdir, config)
+  assert found.kind == restore_lib.ADAPTER and found.step == config.total_steps
+  assert set(found.variables) == {"params", "adapter"}
+  like = mllm.init_adapters(found.model_cfg, jax.random.key(0))
+  plain = config.copy_and_resolve_references()
+  plain.adapter.kind = "none"
+  with pytest.raises(checkpoint_lib.CheckpointMismatchError, match="adapter"):
+    restore_lib.run_params(workdir, plain)
+  return {"adapter": found.variables["adapter"]}, like
 
 
 def _check_trained(saved, like, kind):

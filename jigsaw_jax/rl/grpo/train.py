@@ -13,36 +13,19 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional
 
-from absl import logging
 import jax
-import jax.numpy as jnp
 
-from jigsaw_jax import checkpoint as checkpoint_lib
+from jigsaw_jax.runtime import checkpoint as checkpoint_lib
+from jigsaw_jax.runtime import restore as restore_lib
 from jigsaw_jax import data as data_lib
 from jigsaw_jax import evaluate as evaluate_lib
 from jigsaw_jax import metrics as metrics_lib
 from jigsaw_jax import sharding as sharding_lib
 from jigsaw_jax.models import policy as policy_lib
-from jigsaw_jax.rl import components
 from jigsaw_jax.rl import loop as loop_lib
 from jigsaw_jax.sft import pretrain as pretrain_lib
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl.grpo import step as grpo_step_lib
-
-
-def params_of_run(config, run_workdir: str, like):
-  """The latest params of another run (GRPO or SFT) saved under `run_workdir`."""
-  optimizer = components.optimizer_for(config)
-  target = {"params": like, "opt_state": optimizer.init(like), "step": jnp.int32(0),
-            "rng": jax.random.key(0)}
-  ckpt = checkpoint_lib.Checkpointer.from_config(run_workdir, config.checkpoint)
-  restored = ckpt.restore(target)
-  ckpt.close()
-  if restored is None:
-    raise FileNotFoundError(f"config.init_from={run_workdir!r} holds no checkpoint under "
-                            f"{config.checkpoint.subdir!r}; point it at a finished run's workdir.")
-  logging.info("Starting from step %d of %s.", restored.step, run_workdir)
-  return restored.state["params"]
 
 
 def train_and_evaluate(config, workdir: str,
@@ -73,7 +56,7 @@ def train_and_evaluate(config, workdir: str,
   if config.pretrain.steps:
     params = pretrain_lib.pretrain(config, model_cfg, processor, params, workdir)
   if config.init_from:
-    params = params_of_run(config, config.init_from, params)
+    params = restore_lib.policy_variables(config, config.init_from, params)
   # With config.adapter the base is frozen outside the train state: `params` (trained, saved)
   # becomes the adapter collection, and the policy is adapters_lib.join(params, frozen).
   model_cfg, params, frozen = policy_lib.attach_adapter(config, model_cfg, params, init_rng)
@@ -97,12 +80,7 @@ def train_and_evaluate(config, workdir: str,
   # Restore (params, optimizer, step, PRNG key and the data position).
   # ----------------------------------------------------------------------------------------
   ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config.checkpoint)
-  state = grpo_step.init_state(params, rng)
-  restored = ckpt.restore(state)
-  if restored is not None:
-    state = restored.state
-    data_iter.set_state(restored.data_state)
-    logging.info("Resumed from step %d.", int(state["step"]))
+  state = restore_lib.resume(ckpt, grpo_step.init_state(params, rng), data_iter)
 
   # ----------------------------------------------------------------------------------------
   # Evaluation.
@@ -114,14 +92,12 @@ def train_and_evaluate(config, workdir: str,
 
   def run_eval(step: int, state):
     records, samples = evaluator(grpo_step.policy(state), step)
-    evaluate_lib.append_records(workdir, records)
+    evaluate_lib.append_records(workdir, records, samples)
     evaluate_lib.write_gallery(os.path.join(workdir, f"gallery_step{step}.png"), samples)
     metrics_lib.write_scalars(writer, step, {
         f"eval/{r['question_type']}_{'think' if r['think'] else 'nothink'}_{r['size']}/accuracy":
         r["accuracy"] for r in records})
-    for r in records:
-      logging.info("eval step %d %s %s think=%s: accuracy %.3f format %.3f", step, r["size"],
-                   r["question_type"], r["think"], r["accuracy"], r["format_rate"])
+    metrics_lib.console(f"eval at step {step}:\n{metrics_lib.eval_table(records)}")
     return records
 
   # ----------------------------------------------------------------------------------------
@@ -132,6 +108,7 @@ def train_and_evaluate(config, workdir: str,
   if evaluator is not None and config.eval.at_start and start_step == 0:
     run_eval(0, state)
   state, last_metrics = loop_lib.run_steps(config, grpo_step, state, data_iter, ckpt, writer,
+                                           "GRPO",
                                            run_eval if evaluator is not None else None)
   if evaluator is not None and config.eval.at_end and total_steps > start_step:
     run_eval(total_steps, state)

@@ -240,3 +240,10 @@ def count_params(tree: Any) -> int:
 def embedding_table(params: Any) -> jax.Array:
   """The frozen policy's token embedding [V, E] (the candidate's embedding is read from it)."""
   return params["params"]["decoder"]["embed_tokens"]["embedding"]
+
+
+def config_from(proxy: Any) -> ProxyConfig:
+  """ProxyConfig from a run config's `proxy` block."""
+  return ProxyConfig(layer=int(proxy.layer), hidden_dim=int(proxy.hidden_dim),
+                     init_accept_logit=float(proxy.init_accept_logit),
+                     max_rejections=int(proxy.max_rejections), fallback=proxy.fallback)

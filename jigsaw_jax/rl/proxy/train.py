@@ -16,7 +16,6 @@ summary with the trainable-parameter ratio goes to `<workdir>/proxy_summary.json
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -25,7 +24,8 @@ from typing import Any, Dict, Optional
 from absl import logging
 import jax
 
-from jigsaw_jax import checkpoint as checkpoint_lib
+from jigsaw_jax.runtime import checkpoint as checkpoint_lib
+from jigsaw_jax.runtime import restore as restore_lib
 from jigsaw_jax import data as data_lib
 from jigsaw_jax import evaluate as evaluate_lib
 from jigsaw_jax import metrics as metrics_lib
@@ -39,15 +39,11 @@ from jigsaw_jax.rl.proxy import network as proxy_lib
 from jigsaw_jax.rl.proxy import sampler as proxy_sampler
 from jigsaw_jax.rl.proxy import step as proxy_step_lib
 from jigsaw_jax.rl import rollout_rewards
-from jigsaw_jax.rl.grpo import train as grpo_trainer
 from jigsaw_jax.rl.grpo import step as grpo_step_lib
 
 
 def proxy_config(config) -> proxy_lib.ProxyConfig:
-  p = config.proxy
-  return proxy_lib.ProxyConfig(layer=int(p.layer), hidden_dim=int(p.hidden_dim),
-                               init_accept_logit=float(p.init_accept_logit),
-                               max_rejections=int(p.max_rejections), fallback=p.fallback)
+  return proxy_lib.config_from(config.proxy)
 
 
 def loss_config(config) -> proxy_loss_lib.ProxyLossConfig:
@@ -55,18 +51,6 @@ def loss_config(config) -> proxy_loss_lib.ProxyLossConfig:
       epsilon_low=float(config.rl.epsilon_low), epsilon_high=float(config.rl.epsilon_high),
       aggregation=config.proxy.aggregation, entropy_coef=float(config.proxy.entropy_coef),
       objective=config.proxy.objective)
-
-
-class _PolicyWithProxy:
-  """The Evaluator's sampler interface (`generate(params, batch, rng)`) for the frozen policy plus
-  the proxy: `params` is the pair (policy params, proxy params)."""
-
-  def __init__(self, sampler: proxy_sampler.ProxySampler, deterministic: bool):
-    self.sampler, self.deterministic = sampler, deterministic
-
-  def generate(self, params, batch, rng):
-    policy, proxy = params
-    return self.sampler.generate(policy, proxy, batch, rng, deterministic=self.deterministic)
 
 
 def calibrate(config, proxy_params, sampler: proxy_sampler.ProxySampler, policy, processor):
@@ -122,7 +106,7 @@ def train(config, workdir: str, rewards: Optional[grpo_step_lib.RewardFn] = None
   if config.pretrain.steps:
     policy = pretrain_lib.pretrain(config, model_cfg, processor, policy, workdir)
   if config.init_from:
-    policy = grpo_trainer.params_of_run(config, config.init_from, policy)
+    policy = restore_lib.policy_variables(config, config.init_from, policy)
   network = proxy_lib.network_for(pcfg, model_cfg)
   proxy_shardings = sharding_lib.logical_to_sharding(
       proxy_lib.abstract_proxy_params(model_cfg, pcfg, network), mesh, rules)
@@ -159,11 +143,8 @@ def train(config, workdir: str, rewards: Optional[grpo_step_lib.RewardFn] = None
   # ----------------------------------------------------------------------------------------
   ckpt = checkpoint_lib.Checkpointer.from_config(workdir, config.checkpoint)
   state = proxy_step.init_state(proxy_params, rng)
-  restored = ckpt.restore(state)
-  if restored is not None:
-    state = restored.state
-    data_iter.set_state(restored.data_state)
-    logging.info("Resumed from step %d.", int(state["step"]))
+  if ckpt.latest_step() is not None:
+    state = restore_lib.resume(ckpt, state, data_iter)
   else:
     state["proxy"] = calibrate(config, state["proxy"], sampler, policy, processor)
 
@@ -176,28 +157,20 @@ def train(config, workdir: str, rewards: Optional[grpo_step_lib.RewardFn] = None
     evaluator = evaluate_lib.Evaluator(model_cfg, processor, config.data, config.eval,
                                        processor.special_ids.eos_ids)
     base_generate = evaluator.sampler
-    # Greedy proposals from the same plausible set as training (so a rejection moves the answer
-    # to the next most likely token the policy finds plausible, never outside the set).
-    r = config.rollout
-    eval_rollout = dataclasses.replace(evaluator.sampler.cfg, sampling=dataclasses.replace(
-        evaluator.sampler.cfg.sampling, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p))
-    with_proxy = _PolicyWithProxy(proxy_sampler.ProxySampler(model_cfg, eval_rollout, pcfg, network),
-                                  bool(config.proxy.eval_deterministic))
+    with_proxy = evaluate_lib.proxy_sampler(config, evaluator, model_cfg, pcfg)
 
   def run_eval(step: int, state, base: bool = False):
     evaluator.sampler = base_generate if base else with_proxy
     params = policy if base else (policy, state["proxy"])
     records, samples = evaluator(params, step)
     out_dir = os.path.join(workdir, "eval_frozen_base") if base else workdir
-    evaluate_lib.append_records(out_dir, records)
+    evaluate_lib.append_records(out_dir, records, samples)
     evaluate_lib.write_gallery(os.path.join(out_dir, f"gallery_step{step}.png"), samples)
     prefix = "eval_frozen_base" if base else "eval"
     metrics_lib.write_scalars(writer, step, {
         f"{prefix}/{r['question_type']}_{'think' if r['think'] else 'nothink'}_{r['size']}"
         "/accuracy": r["accuracy"] for r in records})
-    for r in records:
-      logging.info("%s step %d %s %s: accuracy %.3f format %.3f", prefix, step, r["size"],
-                   r["question_type"], r["accuracy"], r["format_rate"])
+    metrics_lib.console(f"{prefix} at step {step}:\n{metrics_lib.eval_table(records)}")
     eval_records["frozen_base" if base else f"step_{step}"] = records
     return records
 
@@ -212,6 +185,7 @@ def train(config, workdir: str, rewards: Optional[grpo_step_lib.RewardFn] = None
     run_eval(0, state)
   train_started = time.time()
   state, last_metrics = loop_lib.run_steps(config, proxy_step, state, data_iter, ckpt, writer,
+                                           "Proxy-RLHF",
                                            run_eval if evaluator is not None else None)
   train_seconds = time.time() - train_started
   if evaluator is not None and config.eval.at_end and total_steps > start_step:

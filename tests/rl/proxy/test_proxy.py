@@ -185,7 +185,7 @@ def test_the_proxy_is_small():
 
 @pytest.mark.slow
 def test_task_proxy_trains_and_checkpoints_only_the_proxy(tmp_path):
-  from jigsaw_jax import checkpoint as checkpoint_lib
+  from jigsaw_jax.runtime import checkpoint as checkpoint_lib
   from jigsaw_jax import main
   from jigsaw_jax import configlib
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -207,6 +207,17 @@ def test_task_proxy_trains_and_checkpoints_only_the_proxy(tmp_path):
   assert set(saved) == {"proxy", "opt_state", "step", "rng"}
   assert "decoder" not in str(saved["proxy"]) and "visual" not in str(saved["proxy"])
   ckpt.close()
+
+  # task=eval restores a proxy run (its frozen base and its proxy) from the run's config.json.
+  from jigsaw_jax.runtime import restore as restore_lib
+  found = restore_lib.run_params(str(tmp_path), config)
+  assert found.kind == restore_lib.PROXY and found.step == 2 and found.proxy is not None
+  evaluation = configlib.load_config_file(os.path.join(root, "configs/eval.py"))
+  with evaluation.unlocked():
+    evaluation.restore.workdir = str(tmp_path)
+    evaluation.eval.update(sizes=("2x1",), question_types=("full",), num_puzzles=2, batch_size=2)
+  records = main.run(evaluation, str(tmp_path / "eval"))
+  assert evaluation.model.preset == config.model.preset and records[0]["n"] == 2
 
 
 def test_prefix_advantages_credit_each_position_against_its_own_prefix():

@@ -257,15 +257,11 @@ class Checkpointer:
     ShapeDtypeStructs with shardings); nothing of it is read but shapes, dtypes and shardings.
     Returns None when the directory holds no checkpoint and no step was asked for.
     """
+    step = self._pick_step(step)
     if step is None:
-      step = self.latest_step()
-      if step is None:
-        return None
-    elif step not in self._manager.all_steps():
-      raise FileNotFoundError(f"No checkpoint of step {step} in {self.directory}; "
-                              f"available steps: {self.all_steps()}.")
+      return None
     abstract = _abstract(target)
-    saved_tree = self._manager.item_metadata(step)[STATE]
+    saved_tree = self.saved_tree(step)
     check_tree_matches(saved_tree, abstract,
                        where=f"checkpoint of step {step} in {self.directory}")
     items = self._manager.restore(step, args=ocp.args.Composite(**{
@@ -276,6 +272,45 @@ class Checkpointer:
     logging.info("Restored step %d from %s.", step, self.directory)
     return Restored(step=step, state=_data_to_keys(items[STATE], target),
                     data_state=items[DATA], metadata=items[METADATA] or {})
+
+  def saved_tree(self, step: int) -> Any:
+    """The saved state's tree (shapes and dtypes, no values) of `step`."""
+    return self._manager.item_metadata(step)[STATE]
+
+  def restore_part(self, key: str, target: Any, step: Optional[int] = None
+                   ) -> Optional[tuple[int, Any]]:
+    """(step, state[key]) restored alone into `target`'s shapes and shardings; None when the
+    directory holds no checkpoint and no step was asked for.
+
+    Reads only that part of the saved state: another run's params without its optimizer state,
+    so no optimizer needs building (or fitting in memory) just to shape a restore target.
+    """
+    step = self._pick_step(step)
+    if step is None:
+      return None
+    saved = self.saved_tree(step)
+    if key not in saved:
+      raise CheckpointMismatchError(
+          f"The checkpoint of step {step} in {self.directory} has no {key!r}; it holds "
+          f"{', '.join(sorted(saved))}.")
+    abstract = {key: _abstract(target)}
+    check_tree_matches({key: saved[key]}, abstract,
+                       where=f"checkpoint of step {step} in {self.directory}")
+    # StandardCheckpointHandler writes the PyTree format, which PyTreeRestore reads in part.
+    restored = ocp.PyTreeCheckpointer().restore(
+        os.path.join(self.directory, str(step), STATE), args=ocp.args.PyTreeRestore(
+            item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+            partial_restore=True))
+    logging.info("Restored %s of step %d from %s.", key, step, self.directory)
+    return step, _data_to_keys(restored[key], target)
+
+  def _pick_step(self, step: Optional[int]) -> Optional[int]:
+    if step is None:
+      return self.latest_step()
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"No checkpoint of step {step} in {self.directory}; "
+                              f"available steps: {self.all_steps()}.")
+    return step
 
   def wait_until_finished(self) -> None:
     """Blocks until every started save is on disk (call before exiting or evaluating)."""

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from jigsaw_jax import checkpoint as ckpt_lib
+from jigsaw_jax.runtime import checkpoint as ckpt_lib
 
 
 def _state(seed: int = 0, width: int = 3):
@@ -152,7 +152,8 @@ _RESHARD_SCRIPT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from jigsaw_jax import checkpoint as ckpt_lib, sharding as shd
+    from jigsaw_jax import sharding as shd
+    from jigsaw_jax.runtime import checkpoint as ckpt_lib
 
     directory = sys.argv[1]
     saved_on = shd.make_mesh((4, 1, 1))
@@ -177,7 +178,7 @@ _RESHARD_SCRIPT = textwrap.dedent("""
 
 
 def test_restore_reshards_onto_the_target_mesh(tmp_path):
-  repo = pathlib.Path(__file__).resolve().parents[1]
+  repo = pathlib.Path(__file__).resolve().parents[2]
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS="--xla_force_host_platform_device_count=4",
              PYTHONPATH=f"{repo}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
