@@ -93,7 +93,7 @@ def pretrained_base(args):
 
 
 def evaluate_base(params, config, model_cfg):
-  from jigsaw_jax import evaluate as evaluate_lib
+  from jigsaw_jax.eval import evaluate as evaluate_lib
   from jigsaw_jax.models import policy as policy_lib
   processor = policy_lib.processor(config.model)
   evaluator = evaluate_lib.Evaluator(model_cfg, processor, config.data, config.eval,

@@ -198,7 +198,7 @@ class Ours:
 
   def step(self, index: int, puzzles) -> None:
     import jax
-    from jigsaw_jax.metrics import StepTimer
+    from jigsaw_jax.runtime.metrics import StepTimer
     group = self.work.group
     timer = StepTimer()
     batch = {"puzzle": [p for p in puzzles for _ in range(group)]}  # the pipeline's layout

@@ -8,7 +8,7 @@ shrinks a config to the `tiny` / `small` CPU miniature. Every knob of a run is h
 import ml_collections
 
 from jigsaw_jax import data
-from jigsaw_jax import sharding
+from jigsaw_jax.runtime import sharding
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -31,7 +31,7 @@ TASKS = {
     "preview": "jigsaw_jax.puzzles.preview:run_from_config",
     "grpo": "jigsaw_jax.rl.grpo.train:train_and_evaluate",
     "sft": "jigsaw_jax.sft.train:train",
-    "eval": "jigsaw_jax.evaluate:run",
+    "eval": "jigsaw_jax.eval.evaluate:run",
     "proxy": "jigsaw_jax.rl.proxy.train:train",
     "export": "jigsaw_jax.export:export",
 }

@@ -11,7 +11,8 @@ import pytest
 
 from configs import export as export_config
 from configs import jigsaw_2x1
-from jigsaw_jax import evaluate, main
+from jigsaw_jax import main
+from jigsaw_jax.eval import evaluate
 from jigsaw_jax.models import parity, processing
 from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.runtime import run_config

@@ -59,7 +59,7 @@ _MESH_SCRIPT = textwrap.dedent("""
     from jigsaw_jax.tools import scale_check
     scale_check._configure_jax(None)
     import jax
-    from jigsaw_jax import sharding as shd
+    from jigsaw_jax.runtime import sharding as shd
     from jigsaw_jax.rl.grpo import losses
     from jigsaw_jax.rl.optim import make_optimizer
     from jigsaw_jax.rl.policy_steps import PolicySteps
@@ -233,7 +233,7 @@ def test_slurm_script_outside_slurm_refuses_to_run():
 def test_optimizer_state_follows_params():
   import jax
   from jax.sharding import PartitionSpec
-  from jigsaw_jax import sharding as shd
+  from jigsaw_jax.runtime import sharding as shd
   from jigsaw_jax.rl.optim import make_optimizer
 
   params = {"a": {"kernel": jax.ShapeDtypeStruct((4, 8), np.float32)},

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Tuple
 from absl import logging
 import jax
 
-from jigsaw_jax import metrics as metrics_lib
+from jigsaw_jax.runtime import metrics as metrics_lib
 
 
 def run_steps(config, step_fn: Callable, state: Dict[str, Any], data_iter: Iterator, ckpt,

@@ -41,7 +41,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jigsaw_jax import sharding as sharding_lib
+from jigsaw_jax.runtime import sharding as sharding_lib
 from jigsaw_jax.models import adapters as adapters_lib
 from jigsaw_jax.models import mllm
 from jigsaw_jax.models.config import ModelConfig

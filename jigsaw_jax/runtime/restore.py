@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from jigsaw_jax import metrics as metrics_lib
+from jigsaw_jax.runtime import metrics as metrics_lib
 from jigsaw_jax.models import adapters as adapters_lib
 from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.models.config import ModelConfig

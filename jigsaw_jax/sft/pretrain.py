@@ -37,7 +37,7 @@ from typing import List
 from absl import logging
 import numpy as np
 
-from jigsaw_jax import metrics as metrics_lib
+from jigsaw_jax.runtime import metrics as metrics_lib
 from jigsaw_jax.runtime import checkpoint as checkpoint_lib
 from jigsaw_jax import data as data_lib
 from jigsaw_jax.models.processing import Processor, collate

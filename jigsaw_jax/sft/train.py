@@ -13,8 +13,8 @@ import numpy as np
 from jigsaw_jax.runtime import checkpoint as checkpoint_lib
 from jigsaw_jax.runtime import restore as restore_lib
 from jigsaw_jax import data as data_lib
-from jigsaw_jax import evaluate as evaluate_lib
-from jigsaw_jax import metrics as metrics_lib
+from jigsaw_jax.eval import evaluate as evaluate_lib
+from jigsaw_jax.runtime import metrics as metrics_lib
 from jigsaw_jax.models import adapters as adapters_lib
 from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.models.processing import collate

@@ -96,7 +96,7 @@ def _rows_first(tree: Any, mesh) -> Any:
   """Shardings for outputs whose leading axis is rows (scalars replicated)."""
   import jax
   from jax.sharding import NamedSharding, PartitionSpec
-  from jigsaw_jax import sharding as sharding_lib
+  from jigsaw_jax.runtime import sharding as sharding_lib
   return jax.tree.map(
       lambda x: (NamedSharding(mesh, PartitionSpec()) if not x.shape else
                  sharding_lib.rows_sharding(mesh, len(x.shape))), tree)
@@ -117,7 +117,7 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
   from jax.sharding import NamedSharding, PartitionSpec
   from jigsaw_jax.models import mllm, presets
   from jigsaw_jax.rl.grpo import losses
-  from jigsaw_jax import sharding as sharding_lib
+  from jigsaw_jax.runtime import sharding as sharding_lib
   from jigsaw_jax.rl import optim as optim_lib
   from jigsaw_jax.rl.policy_steps import PolicySteps
   from jigsaw_jax.generate.sampler import RolloutConfig, Sampler
@@ -316,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     os.environ["JAX_PLATFORMS"] = "cpu"  # libtpu compiles; no TPU backend is started
   import jax
   from jigsaw_jax import configlib
-  from jigsaw_jax import sharding as sharding_lib
+  from jigsaw_jax.runtime import sharding as sharding_lib
 
   config = configlib.load_config_file(args.config)
   if args.micro_batches:

@@ -240,7 +240,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
   _configure_jax(args.devices)
   import jax
-  from jigsaw_jax import sharding as sharding_lib
+  from jigsaw_jax.runtime import sharding as sharding_lib
 
   if args.coordinator_address:
     sharding_lib.maybe_initialize_distributed({

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jigsaw_jax import base_config, data, evaluate
+from jigsaw_jax import base_config, data
+from jigsaw_jax.eval import evaluate
 from jigsaw_jax.data import images
 
 BROKEN = ("empty.jpg", "truncated.jpg", "notes.png")

@@ -254,7 +254,8 @@ def test_base_config_has_the_papers_defaults():
 
 
 def test_evaluator_memorises_each_puzzle_prompt(setup, monkeypatch):
-  from jigsaw_jax import base_config, evaluate
+  from jigsaw_jax import base_config
+  from jigsaw_jax.eval import evaluate
   cfg, params, processor = setup
   c = base_config.base_config()
   base_config.apply_cpu_preset(c, "tiny")

@@ -116,7 +116,7 @@ def _sequences(rows=4, prompt=5, completion=3, seed=0):
 @pytest.mark.slow
 @pytest.mark.parametrize("use_mesh", [False, True])
 def test_policy_steps_differentiate_only_the_adapter(use_mesh):
-  from jigsaw_jax import sharding as sharding_lib
+  from jigsaw_jax.runtime import sharding as sharding_lib
   from jigsaw_jax.models import presets, mllm
   from jigsaw_jax.rl.grpo import losses
   from jigsaw_jax.rl.optim import make_optimizer

@@ -152,7 +152,7 @@ _RESHARD_SCRIPT = textwrap.dedent("""
     import sys
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
-    from jigsaw_jax import sharding as shd
+    from jigsaw_jax.runtime import sharding as shd
     from jigsaw_jax.runtime import checkpoint as ckpt_lib
 
     directory = sys.argv[1]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jigsaw_jax import metrics as metrics_lib
+from jigsaw_jax.runtime import metrics as metrics_lib
 from jigsaw_jax.models.processing import Processor
 from jigsaw_jax.rl.grpo import advantages as advantages_lib
 from jigsaw_jax.rl.proxy import loss as proxy_loss_lib

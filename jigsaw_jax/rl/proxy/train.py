@@ -27,9 +27,9 @@ import jax
 from jigsaw_jax.runtime import checkpoint as checkpoint_lib
 from jigsaw_jax.runtime import restore as restore_lib
 from jigsaw_jax import data as data_lib
-from jigsaw_jax import evaluate as evaluate_lib
-from jigsaw_jax import metrics as metrics_lib
-from jigsaw_jax import sharding as sharding_lib
+from jigsaw_jax.eval import evaluate as evaluate_lib
+from jigsaw_jax.runtime import metrics as metrics_lib
+from jigsaw_jax.runtime import sharding as sharding_lib
 from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.rl import components
 from jigsaw_jax.rl import loop as loop_lib

@@ -19,9 +19,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jigsaw_jax import sharding as shd
+from jigsaw_jax.runtime import sharding as shd
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 _EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     import json
@@ -30,7 +30,7 @@ _EIGHT_DEVICE_SCRIPT = textwrap.dedent("""
     import jax.numpy as jnp
     import numpy as np
     import optax
-    from jigsaw_jax import sharding as shd
+    from jigsaw_jax.runtime import sharding as shd
 
     assert jax.device_count() == 8, jax.devices()
     init = nn.initializers.normal(0.02)
@@ -272,7 +272,7 @@ def test_configured_multi_process_run_initialises(monkeypatch):
 _WORKER_SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from jigsaw_jax import sharding as shd
+    from jigsaw_jax.runtime import sharding as shd
 
     process_id, port = int(sys.argv[1]), sys.argv[2]
     assert shd.maybe_initialize_distributed({"coordinator_address": f"127.0.0.1:{port}",

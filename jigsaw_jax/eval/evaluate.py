@@ -26,7 +26,7 @@ import numpy as np
 
 from jigsaw_jax import data as data_lib
 from jigsaw_jax import fastmem as fastmem_lib
-from jigsaw_jax import metrics as metrics_lib
+from jigsaw_jax.runtime import metrics as metrics_lib
 from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.models.processing import Processor, collate
 from jigsaw_jax.puzzles import rewards as rewards_lib

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from jigsaw_jax import metrics
+from jigsaw_jax.runtime import metrics
 
 tf = pytest.importorskip("tensorflow")
 
