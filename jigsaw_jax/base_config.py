@@ -37,7 +37,7 @@ def base_config() -> ml_collections.ConfigDict:
   # GRPO: advantages (r - mean) / (std + 1e-4); per-sequence token-mean loss; k3 KL, beta 0.04.
   c.rl = ml_collections.ConfigDict(dict(
       advantage="grpo",  # grpo | dr_grpo | rloo
-      loss="grpo",  # grpo | dr_grpo | bnpo | dapo | gspo (rl/losses.py; TRL's loss_type)
+      loss="grpo",  # grpo | dr_grpo | bnpo | dapo | gspo (rl/grpo/losses.py; TRL's loss_type)
       epsilon_low=0.2, epsilon_high=0.2, beta=0.04, kl_estimator="k3",
       num_iterations=1,  # mu: updates per batch against the sampling policy's log-probs
       micro_batches=1,  # gradient accumulation within one optimizer step

@@ -6,7 +6,7 @@ fixed completions, with the same old and reference log-probs and advantages, in 
 micro-batches: TRL calls `_compute_loss` once per micro-batch as inside one gradient-accumulation
 window (current_gradient_accumulation_steps = steps_per_generation = 2, summing the backward
 passes, `num_items_in_batch` counting the whole generation batch), ours averages the gradients of
-`PolicySteps.grads` with the step's `micro_batch_token_normalizer`, as rl/trainer.py does. The loss
+`PolicySteps.grads` with the step's `micro_batch_token_normalizer`, as GrpoStep (rl/grpo/step.py) does. The loss
 and every weight's gradient agree to float32 rounding, for grpo, dr_grpo, bnpo, dapo and GSPO
 (TRL: importance_sampling_level="sequence"), with and without the KL term.
 """
