@@ -22,8 +22,8 @@ from jigsaw_jax.eval import evaluate as evaluate_lib
 from jigsaw_jax.runtime import metrics as metrics_lib
 from jigsaw_jax.runtime import sharding as sharding_lib
 from jigsaw_jax.models import policy as policy_lib
+from jigsaw_jax.rl import components
 from jigsaw_jax.rl import loop as loop_lib
-from jigsaw_jax.sft import pretrain as pretrain_lib
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl.grpo import step as grpo_step_lib
 
@@ -45,18 +45,8 @@ def train_and_evaluate(config, workdir: str,
   # ----------------------------------------------------------------------------------------
   # Mesh and policy.
   # ----------------------------------------------------------------------------------------
-  mesh = sharding_lib.mesh_from_config(config.mesh)
-  rules = sharding_lib.normalize_rules(config.mesh.rules)
-  model_cfg = policy_lib.model_config(config.model)
-  processor = policy_lib.processor(config.model)
-  param_shardings = sharding_lib.logical_to_sharding(policy_lib.abstract_params(model_cfg), mesh,
-                                                     rules)
   rng, init_rng = jax.random.split(rng)
-  params = policy_lib.initial_params(config.model, model_cfg, init_rng, param_shardings)
-  if config.pretrain.steps:
-    params = pretrain_lib.pretrain(config, model_cfg, processor, params, workdir)
-  if config.init_from:
-    params = restore_lib.policy_variables(config, config.init_from, params)
+  mesh, rules, model_cfg, processor, params = components.starting_policy(config, init_rng, workdir)
   # With config.adapter the base is frozen outside the train state: `params` (trained, saved)
   # becomes the adapter collection, and the policy is adapters_lib.join(params, frozen).
   model_cfg, params, frozen = policy_lib.attach_adapter(config, model_cfg, params, init_rng)

@@ -30,10 +30,8 @@ from jigsaw_jax import data as data_lib
 from jigsaw_jax.eval import evaluate as evaluate_lib
 from jigsaw_jax.runtime import metrics as metrics_lib
 from jigsaw_jax.runtime import sharding as sharding_lib
-from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.rl import components
 from jigsaw_jax.rl import loop as loop_lib
-from jigsaw_jax.sft import pretrain as pretrain_lib
 from jigsaw_jax.rl.proxy import loss as proxy_loss_lib
 from jigsaw_jax.rl.proxy import network as proxy_lib
 from jigsaw_jax.rl.proxy import sampler as proxy_sampler
@@ -95,18 +93,8 @@ def train(config, workdir: str, rewards: Optional[grpo_step_lib.RewardFn] = None
   # ----------------------------------------------------------------------------------------
   # Mesh, the frozen policy and the proxy.
   # ----------------------------------------------------------------------------------------
-  mesh = sharding_lib.mesh_from_config(config.mesh)
-  rules = sharding_lib.normalize_rules(config.mesh.rules)
-  model_cfg = policy_lib.model_config(config.model)
-  processor = policy_lib.processor(config.model)
-  param_shardings = sharding_lib.logical_to_sharding(policy_lib.abstract_params(model_cfg), mesh,
-                                                     rules)
   rng, init_rng, proxy_rng = jax.random.split(rng, 3)
-  policy = policy_lib.initial_params(config.model, model_cfg, init_rng, param_shardings)
-  if config.pretrain.steps:
-    policy = pretrain_lib.pretrain(config, model_cfg, processor, policy, workdir)
-  if config.init_from:
-    policy = restore_lib.policy_variables(config, config.init_from, policy)
+  mesh, rules, model_cfg, processor, policy = components.starting_policy(config, init_rng, workdir)
   network = proxy_lib.network_for(pcfg, model_cfg)
   proxy_shardings = sharding_lib.logical_to_sharding(
       proxy_lib.abstract_proxy_params(model_cfg, pcfg, network), mesh, rules)
