@@ -7,7 +7,8 @@ the trainer keeps drawing batches of puzzles (a new rollout each) until it holds
 if the cap is reached, zero-variance groups fill the rest so that the update keeps its fixed,
 compiled shape (Yu et al. 2025, "DAPO", §3.2; verl caps the draws the same way).
 
-`Groups` is the host-side record of one draw; `fill_batch` picks the groups of the update.
+`Groups` is the host-side record of one draw; `pick_groups` chooses the groups of the update
+(`fill_batch` takes them; their prompts are rows of the draws' collated prompts).
 """
 
 from __future__ import annotations
@@ -70,15 +71,19 @@ def count_informative(draws: Sequence[Groups]) -> int:
   return int(sum(informative(d).sum() for d in draws))
 
 
+def pick_groups(draws: Sequence[Groups], size: int) -> np.ndarray:
+  """Which `size` groups (indices into the draws' groups, in draw order) the update trains on:
+  those with a learning signal first, in draw order; if there are fewer, zero-variance groups
+  (in draw order) fill the rest."""
+  signal = np.concatenate([informative(d) for d in draws])
+  if len(signal) < size:
+    raise ValueError(f"{len(signal)} groups drawn, fewer than the batch of {size}.")
+  return np.concatenate([np.flatnonzero(signal), np.flatnonzero(~signal)])[:size]
+
+
 def fill_batch(draws: Sequence[Groups], size: int) -> Groups:
-  """`size` groups: those with a learning signal first, in draw order; if there are fewer,
-  zero-variance groups (in draw order) fill the rest."""
-  every = Groups.concat(draws)
-  if len(every) < size:
-    raise ValueError(f"{len(every)} groups drawn, fewer than the batch of {size}.")
-  signal = informative(every)
-  order = np.concatenate([np.flatnonzero(signal), np.flatnonzero(~signal)])[:size]
-  return every.take(order)
+  """The `pick_groups` groups of the draws."""
+  return Groups.concat(draws).take(pick_groups(draws, size))
 
 
 def any_process(flag: bool) -> bool:
