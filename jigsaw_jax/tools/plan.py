@@ -115,6 +115,7 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
   import jax
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec
+  from jigsaw_jax import sharding as sharding_lib
   from jigsaw_jax.models import mllm, presets
   from jigsaw_jax.rl.grpo import losses
   from jigsaw_jax.rl import optim as optim_lib
