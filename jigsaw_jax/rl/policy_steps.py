@@ -21,10 +21,12 @@ float summation order (tests/test_scale_out.py checks four meshes and two proces
     opt_state = steps.init_optimizer(params)                # created already sharded
     seq = steps.shard_batch(seq)                            # this process's rows -> global arrays
 
-Rows that come in groups sharing a prompt (`seq.group` = G, as `build_sequences` makes them) are
-scored with the prompt run once per group and its KV cache shared by the G completions
-(rl/scoring.py `shared_prompt_scores`): the same numbers, ~G times less prompt work. `share_prompt=False`, G = 1,
-or a mesh whose data-like axes do not divide the number of prompts use the row-by-row pass.
+A SequenceBatch holds each prompt once and its G completions (`build_sequences`). Rows that come
+in whole groups (`seq.group` = G) are scored with the prompt run once per group and its KV cache
+shared by the G completions (rl/scoring.py `shared_prompt_scores`): the same numbers, ~G times
+less prompt work. `share_prompt=False`, G = 1, a micro-batch cut through groups, or a mesh whose
+data-like axes do not divide the number of prompts use the row-by-row pass, which gathers each
+row's prompt inside the jit.
 """
 
 from __future__ import annotations
