@@ -124,25 +124,28 @@ class Sampler:
 
   # -- host side ---------------------------------------------------------------------------
 
-  def _prepare(self, batch: PromptBatch) -> _Prompts:
-    index = mllm.rope_index(self.model_cfg, batch.input_ids, batch.image_grid_thw,
-                            batch.attention_mask)
+  def _prepare(self, batch: PromptBatch, index: Optional[mllm.RopeIndex] = None) -> _Prompts:
+    if index is None:
+      index = mllm.rope_index(self.model_cfg, batch.input_ids, batch.image_grid_thw,
+                              batch.attention_mask)
     grid = tuple(tuple(int(v) for v in g) for g in np.asarray(batch.image_grid_thw).reshape(-1, 3))
     pixel_values = np.asarray(batch.pixel_values, np.float32) if grid else None
     return _Prompts(np.asarray(batch.input_ids, np.int32), index.positions,
                     np.asarray(batch.attention_mask, np.int32), index.deltas, pixel_values, grid)
 
   def generate(self, params, batch: PromptBatch, rng: jax.Array, hook_params: Any = None,
-               hook: Optional[TokenHook] = None) -> Any:
+               hook: Optional[TokenHook] = None,
+               rope_index: Optional[mllm.RopeIndex] = None) -> Any:
     """`group_size` completions for each prompt row of `batch` (left-padded): a `Rollout` with
     the default hook, else what `hook.finish` makes. `params` is one variables tree, or a tuple
-    of them that decode in lockstep; `hook_params` are the arrays the hook reads."""
+    of them that decode in lockstep; `hook_params` are the arrays the hook reads; `rope_index`
+    is the batch's `mllm.rope_index` if the caller computed it already."""
     hook = hook or self.hook
     group = self.cfg.group_size
     if not self.cfg.share_prefill and group > 1:
       batch = repeat_prompts(batch, group, self.model_cfg.image_token_id)
-      group = 1
-    prompts = self._prepare(batch)
+      group, rope_index = 1, None
+    prompts = self._prepare(batch, rope_index)
     rows, length = prompts.input_ids.shape
     self._shapes.add((rows, length, prompts.grid))
     contiguous = self.cache_layout == "contiguous"

@@ -21,10 +21,12 @@ float summation order (tests/test_scale_out.py checks four meshes and two proces
     opt_state = steps.init_optimizer(params)                # created already sharded
     seq = steps.shard_batch(seq)                            # this process's rows -> global arrays
 
-Rows that come in groups sharing a prompt (`seq.group` = G, as `build_sequences` makes them) are
-scored with the prompt run once per group and its KV cache shared by the G completions
-(rl/scoring.py `shared_prompt_scores`): the same numbers, ~G times less prompt work. `share_prompt=False`, G = 1,
-or a mesh whose data-like axes do not divide the number of prompts use the row-by-row pass.
+A SequenceBatch holds each prompt once and its G completions (`build_sequences`). Rows that come
+in whole groups (`seq.group` = G) are scored with the prompt run once per group and its KV cache
+shared by the G completions (rl/scoring.py `shared_prompt_scores`): the same numbers, ~G times
+less prompt work. `share_prompt=False`, G = 1, a micro-batch cut through groups, or a mesh whose
+data-like axes do not divide the number of prompts use the row-by-row pass, which gathers each
+row's prompt inside the jit.
 """
 
 from __future__ import annotations
@@ -49,19 +51,6 @@ from jigsaw_jax.rl.grpo import losses
 from jigsaw_jax.rl.optim import guarded_update
 from jigsaw_jax.rl.scoring import completion_scores
 from jigsaw_jax.rl.sequences import SequenceBatch
-
-
-def _array_fields(seq: SequenceBatch):
-  return (seq.input_ids, seq.attn_mask, seq.positions,
-          seq.pixel_values if seq.grid else None, seq.completion, seq.completion_mask)
-
-
-def sequence_shardings(mesh: Mesh, num_patches: int) -> SequenceBatch:
-  """The sharding of each array of a SequenceBatch (positions are [3, R, L]: rows on axis 1)."""
-  rows = lambda ndim, axis=0: sharding_lib.rows_sharding(mesh, ndim, axis)
-  return SequenceBatch(rows(2), rows(2), rows(3, 1), sharding_lib.pixel_sharding(mesh, num_patches),
-                       rows(2), rows(2), ())
-
 
 
 class PolicySteps:
@@ -97,8 +86,8 @@ class PolicySteps:
     self.constrain_activations = False
     self.trainable_shardings = None  # param_shardings of what the optimizer updates
     if mesh is None:
-      self._score = jax.jit(self._score_by_grid, static_argnums=(0, 1, 2))
-      self._grads = jax.jit(self._grads_by_grid, static_argnums=(0, 1))
+      self._score = jax.jit(self._score_by_layout, static_argnums=(0, 1, 2))
+      self._grads = jax.jit(self._grads_by_layout, static_argnums=(0, 1))
       self._update = jax.jit(self._update_impl, donate_argnums=(0, 1))
       self._init_opt = jax.jit(optimizer.init)
       return
@@ -115,16 +104,17 @@ class PolicySteps:
     self.constrain_activations = constrain_activations
     rep = NamedSharding(mesh, PartitionSpec())
     rows = lambda ndim, axis=0: sharding_lib.rows_sharding(mesh, ndim, axis)
-    # pixel_values: None takes the argument's placement, chosen per shape by `shard_batch`.
-    batch_in = (rows(2), rows(2), rows(3, 1), None, rows(2), rows(2))
-    # The image grid and the group size are static and come first (jit takes no keyword
-    # arguments with shardings). Shared prompts are sliced from the rows inside the jit, so
-    # their rows split over the data axes like the completions' (`prompt_group` checks that).
-    self._score = jax.jit(self._score_by_grid, static_argnums=(0, 1, 2),
+    # The prompt arrays and pixel_values: None takes the argument's placement, which
+    # `shard_batch` chooses per shape (split like the rows where the data axes divide the
+    # prompts, else whole on every device); completions split over the data axes.
+    batch_in = (None, None, None, None, rows(2), rows(2), rows(3, 1))
+    # The layout (image grid, group, prompt index) and the share-prompt switch are static and
+    # come first (jit takes no keyword arguments with shardings).
+    self._score = jax.jit(self._score_by_layout, static_argnums=(0, 1, 2),
                           in_shardings=(param_shardings,) + batch_in,
                           out_shardings=(rows(2), rows(2)))
     self._grads = jax.jit(
-        self._grads_by_grid, static_argnums=(0, 1),
+        self._grads_by_layout, static_argnums=(0, 1),
         in_shardings=(param_shardings,) + batch_in + (rows(1), rows(2), rows(2), rep, rep),
         out_shardings=(trainable_shardings, rep, rep))
     self._update = jax.jit(
@@ -148,29 +138,29 @@ class PolicySteps:
     return jax.tree.map(sharding_lib.place, tree, shardings)
 
   def shard_batch(self, seq: SequenceBatch) -> SequenceBatch:
-    """This process's rows of a SequenceBatch -> global arrays split as the step functions take
-    them (single process: the whole batch, placed on the mesh). Returns `seq` unchanged when
-    there is no mesh or it is already placed.
+    """This process's rows of a SequenceBatch (and the prompts they continue) -> global arrays
+    placed as the step functions take them (single process: the whole batch, placed on the
+    mesh). Returns `seq` unchanged when there is no mesh or it is already placed.
 
-    Every process must feed the same number of rows with images of the same grids (the
-    pipeline's fixed `resize_to`): the jitted code is specialised on the global grid, which is the
-    local one repeated once per process-slice of the rows.
+    Every process must feed the same number of rows and prompts with images of the same grids
+    (the pipeline's fixed `resize_to`): the jitted code is specialised on the global layout, which
+    is the local one repeated once per process-slice of the rows.
     """
     if self.mesh is None:
       return seq
-    if isinstance(seq.input_ids, jax.Array) and not seq.input_ids.is_fully_addressable:
+    if isinstance(seq.completion, jax.Array) and not seq.completion.is_fully_addressable:
       return seq  # Already global.
-    grid, local_rows = tuple(seq.grid), seq.input_ids.shape[0]
+    local_rows, local_prompts = seq.rows, seq.prompts
     if jax.process_count() > 1:
-      digest = np.asarray([zlib.crc32(repr(grid).encode()) & 0x7FFFFFFF, len(grid)], np.int32)
+      layout = repr((tuple(seq.grid), local_prompts, seq.prompt_index)).encode()
+      digest = np.asarray([zlib.crc32(layout) & 0x7FFFFFFF, len(seq.grid)], np.int32)
       multihost_utils.assert_equal(
           digest, "Processes hold images of different grids; every process must feed rows with "
           "the same image sizes (set config.data.pipeline.resize_to).")
-    shardings = sequence_shardings(self.mesh, 0)
-    out = {}
+    rows = lambda ndim, axis=0: sharding_lib.rows_sharding(self.mesh, ndim, axis)
     try:
-      for name in ("input_ids", "attn_mask", "positions", "completion", "completion_mask"):
-        out[name] = sharding_lib.place(getattr(seq, name), getattr(shardings, name))
+      completion = [sharding_lib.place(x, rows(x.ndim, x.ndim - 2)) for x in
+                    (seq.completion, seq.completion_mask, seq.completion_positions)]
     except ValueError as e:
       parts = sharding_lib.batch_parallelism(self.mesh)
       raise ValueError(
@@ -179,25 +169,38 @@ class PolicySteps:
           f"micro-batch (prompts_per_batch * group_size / micro_batches) a multiple of {parts}, "
           "or change "
           f"config.mesh.shape. ({e})") from e
-    factor = out["input_ids"].shape[0] // max(local_rows, 1)
+    factor = completion[0].shape[0] // max(local_rows, 1)
+    split = (local_prompts * factor) % sharding_lib.batch_parallelism(self.mesh) == 0
+
+    def place_prompts(x, target):
+      if x is None:
+        return None
+      axis = x.ndim - 2  # prompts: axis 0, or 1 for positions [3, P, L]
+      if factor > 1 and not isinstance(x, jax.Array) and not target.spec:
+        # Whole on every device: every process's prompts, in process order.
+        x = np.moveaxis(multihost_utils.process_allgather(
+            np.moveaxis(np.asarray(x), axis, 0), tiled=True), 0, axis)
+      return sharding_lib.place(x, target)
+
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    prompt_arrays = [place_prompts(x, rows(x.ndim, x.ndim - 2) if split else replicated)
+                     for x in (seq.prompt_ids, seq.prompt_mask, seq.prompt_positions)]
     pixels = None
-    if grid:
-      local = np.asarray(seq.pixel_values) if not isinstance(seq.pixel_values, jax.Array) \
-          else seq.pixel_values
-      patches = local.shape[0] * factor
-      target = sharding_lib.pixel_sharding(self.mesh, patches)
-      if factor > 1 and not isinstance(local, jax.Array) and not target.spec:
-        local = multihost_utils.process_allgather(local, tiled=True)  # replicated: all patches
-      pixels = sharding_lib.place(local, target)
-    return SequenceBatch(out["input_ids"], out["attn_mask"], out["positions"], pixels,
-                         out["completion"], out["completion_mask"], grid * factor, seq.group)
+    if seq.grid:
+      patches = np.shape(seq.pixel_values)[0] * factor
+      pixels = place_prompts(seq.pixel_values, sharding_lib.pixel_sharding(self.mesh, patches))
+    index = seq.prompt_index
+    if index is not None:
+      index = tuple(p + k * local_prompts for k in range(factor) for p in index)
+    return SequenceBatch(*prompt_arrays, pixels, *completion, tuple(seq.grid) * factor,
+                         seq.group, index)
 
   def prompt_group(self, seq: SequenceBatch) -> int:
     """G when `seq`'s rows are scored with shared prompts, else 1 (row by row). Sharing needs
     whole groups, the same number of images in every row and, on a mesh, a number of prompts
     that the data-like axes divide (the prompt pass is split over them like the rows)."""
-    return self.shared_group(seq.input_ids.shape[0], int(getattr(seq, "group", 1)),
-                             len(seq.grid))
+    group = int(getattr(seq, "group", 1)) if seq.prompt_index is None else 1
+    return self.shared_group(seq.rows, group, len(seq.grid) * group)
 
   def shared_group(self, rows: int, group: int, images: int = 0) -> int:
     """`prompt_group` from shapes: `rows` rows in groups of `group`, holding `images` images."""
@@ -224,39 +227,34 @@ class PolicySteps:
 
   # -- scoring (old / reference log-probs) --------------------------------------------------
 
-  def _score_impl(self, params, input_ids, attn_mask, positions, pixel_values, completion,
-                  completion_mask, *, grid, adapters_enabled=True, group=1):
-    del completion_mask
-    return completion_scores(self.model, params, input_ids, attn_mask, positions,
-                             pixel_values, completion, grid, self.temperature,
-                             adapters_enabled=adapters_enabled, group=group)
-
-  def _score_by_grid(self, grid, adapters_enabled, group, *args):
-    return self._score_impl(*args, grid=grid, adapters_enabled=adapters_enabled, group=group)
+  def _score_by_layout(self, layout, adapters_enabled, share, params, *arrays):
+    return completion_scores(self.model, params, SequenceBatch.from_parts(arrays, layout),
+                             self.temperature, share_prompt=share,
+                             adapters_enabled=adapters_enabled)
 
   def score(self, params, seq: SequenceBatch, adapters_enabled: bool = True):
     """(logp, entropy) float32 [R, T] of the batch's completions under `params`;
     `adapters_enabled=False` scores the base model alone (the KL reference of adapter runs)."""
     seq = self.shard_batch(seq)
     with self._context():
-      return self._score(seq.grid, bool(adapters_enabled), self.prompt_group(seq),
-                         self._place_state(params, self.param_shardings), *_array_fields(seq))
+      return self._score(seq.layout(), bool(adapters_enabled), self.prompt_group(seq) > 1,
+                         self._place_state(params, self.param_shardings), *seq.arrays())
 
   # -- gradients ----------------------------------------------------------------------------
 
-  def _grads_impl(self, params, input_ids, attn_mask, positions, pixel_values, completion,
-                  completion_mask, advantages, old_logp, ref_logp, rng=None,
-                  token_normalizer=None, *, grid, group=1):
+  def _grads_by_layout(self, layout, share, params, prompt_ids, prompt_mask, prompt_positions,
+                       pixel_values, completion, completion_mask, completion_positions,
+                       advantages, old_logp, ref_logp, rng=None, token_normalizer=None):
+    seq = SequenceBatch(prompt_ids, prompt_mask, prompt_positions, pixel_values, completion,
+                        completion_mask, completion_positions, *layout)
     # With adapters only the 'adapter' collection is differentiated: no base gradient exists.
     trainable, frozen = adapters_lib.split(params)
     adapter = self.model_cfg.adapter
 
     def objective(p):
       logp, entropy, *aux = completion_scores(
-          self.model, adapters_lib.join(p, frozen), input_ids, attn_mask,
-          positions, pixel_values, completion, grid, self.temperature,
-          rngs=None if rng is None else {"dropout": rng}, with_aux=adapter is not None,
-          group=group)
+          self.model, adapters_lib.join(p, frozen), seq, self.temperature, share_prompt=share,
+          rngs=None if rng is None else {"dropout": rng}, with_aux=adapter is not None)
       old = jax.lax.stop_gradient(logp) if old_logp is None else old_logp
       loss, metrics = self.loss_fn(logp, old, ref_logp, advantages, completion_mask,
                                    self.loss_cfg, token_normalizer)
@@ -271,9 +269,6 @@ class PolicySteps:
     (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
     return grads, loss, metrics
 
-  def _grads_by_grid(self, grid, group, *args):
-    return self._grads_impl(*args, grid=grid, group=group)
-
   def grads(self, params, seq: SequenceBatch, advantages, old_logp=None, ref_logp=None,
             rng=None, token_normalizer=None):
     """(grads, loss, metrics) of the loss on `seq`. On a mesh, host (numpy) inputs are this
@@ -283,8 +278,8 @@ class PolicySteps:
     `micro_batch_token_normalizer` of the step's micro-batches (None: this batch's own count)."""
     seq = self.shard_batch(seq)
     with self._context():
-      return self._grads(seq.grid, self.prompt_group(seq),
-                         self._place_state(params, self.param_shardings), *_array_fields(seq),
+      return self._grads(seq.layout(), self.prompt_group(seq) > 1,
+                         self._place_state(params, self.param_shardings), *seq.arrays(),
                          self._rows(advantages, 1), self._rows(old_logp, 2),
                          self._rows(ref_logp, 2), rng,
                          None if token_normalizer is None else jnp.float32(token_normalizer))

@@ -66,17 +66,17 @@ class SupervisedSteps:
     self.model = mllm.VisionLanguageModel(model_cfg)
     self.adapter = model_cfg.adapter
     self.optimizer = optimizer
-    self._step = jax.jit(self._step_impl, static_argnames=("grid",), donate_argnums=(0, 1))
+    self._step = jax.jit(self._step_impl, static_argnames=("layout",), donate_argnums=(0, 1))
 
-  def _step_impl(self, params, opt_state, input_ids, attn_mask, positions, pixel_values,
-                 completion, completion_mask, frozen, rng, *, grid):
+  def _step_impl(self, params, opt_state, arrays, frozen, rng, *, layout):
+    seq = SequenceBatch.from_parts(arrays, layout)
+
     def nll(p):
       logp, _, *aux = completion_scores(
-          self.model, adapters_lib.join(p, frozen), input_ids, attn_mask, positions,
-          pixel_values, completion, grid, 1.0, rngs=None if rng is None else {"dropout": rng},
-          with_aux=self.adapter is not None)
-      tokens = jnp.maximum(completion_mask.sum(), 1.0)
-      loss = -(logp * completion_mask).sum() / tokens
+          self.model, adapters_lib.join(p, frozen), seq, 1.0,
+          rngs=None if rng is None else {"dropout": rng}, with_aux=self.adapter is not None)
+      tokens = jnp.maximum(seq.completion_mask.sum(), 1.0)
+      loss = -(logp * seq.completion_mask).sum() / tokens
       total = loss + self.adapter.balance_coef * aux[0] if aux else loss
       return total, (loss, aux)
 
@@ -88,6 +88,5 @@ class SupervisedSteps:
     return optax.apply_updates(params, updates), opt_state, stats
 
   def step(self, params, opt_state, seq: SequenceBatch, frozen=None, rng=None):
-    return self._step(params, opt_state, seq.input_ids, seq.attn_mask, seq.positions,
-                      seq.pixel_values if seq.grid else None, seq.completion,
-                      seq.completion_mask, {} if frozen is None else frozen, rng, grid=seq.grid)
+    return self._step(params, opt_state, seq.arrays(), {} if frozen is None else frozen, rng,
+                      layout=seq.layout())

@@ -184,19 +184,28 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
       opt_state=_shard_bytes(opt_state), ref_params=_shard_bytes(params) if rl.beta else 0,
       grads=_shard_bytes(params))
 
-  # GRPO gradient of one micro-batch.
-  grid = (image_grid,) * rows
-  batch = (row((rows, length), jnp.int32), row((rows, length), jnp.int32),
-           row((3, rows, length), jnp.int32, 1), pixels(rows),
-           row((rows, new_tokens), jnp.int32), row((rows, new_tokens), jnp.float32))
+  # GRPO gradient of one micro-batch: its prompts once (whole groups; a micro-batch cut through
+  # groups is planned as one prompt per row) and its rows' completions.
+  micro_group = group if rows % group == 0 else 1
+  micro_prompts = rows // micro_group
+  prompt_rows = lambda shape, dtype, axis=0: (
+      row(shape, dtype, axis) if micro_prompts % parts == 0 else
+      jax.ShapeDtypeStruct(shape, dtype, sharding=rep))
+  grid = (image_grid,) * micro_prompts
+  batch = (prompt_rows((micro_prompts, prompt_len), jnp.int32),
+           prompt_rows((micro_prompts, prompt_len), jnp.int32),
+           prompt_rows((3, micro_prompts, prompt_len), jnp.int32, 1), pixels(micro_prompts),
+           row((rows, new_tokens), jnp.int32), row((rows, new_tokens), jnp.float32),
+           row((3, rows, new_tokens), jnp.int32, 1))
   # advantages, old log-probs (None: mu = 1), reference log-probs (the KL term), dropout key.
   extra = (row((rows,), jnp.float32), None,
            row((rows, new_tokens), jnp.float32) if rl.beta else None, None)
   start = time.time()
   with policy._context():
-    # Static: the group size when the G rows of a prompt share its forward pass (as the trainer's).
-    shared = policy.shared_group(rows, group, len(grid))
-    compiled = policy._grads.lower(grid, shared, params, *batch, *extra).compile()
+    # Static: whether the G rows of a prompt share its forward pass (as the trainer's).
+    shared = policy.shared_group(rows, micro_group, len(grid) * micro_group) > 1
+    compiled = policy._grads.lower((grid, micro_group, None), shared, params, *batch,
+                                   *extra).compile()
   out["grads_temp"] = _temp(compiled)
   log(f"  {preset} grads compiled in {time.time() - start:.0f} s")
   start = time.time()

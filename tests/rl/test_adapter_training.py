@@ -109,8 +109,9 @@ def _sequences(rows=4, prompt=5, completion=3, seed=0):
   length = prompt + completion
   ids = rng.randint(0, 1000, (rows, length)).astype(np.int32)
   positions = np.broadcast_to(np.arange(length), (3, rows, length)).astype(np.int32)
-  return SequenceBatch(ids, np.ones_like(ids), positions, None, ids[:, prompt:],
-                       np.ones((rows, completion), np.float32), ())
+  return SequenceBatch(ids[:, :prompt], np.ones_like(ids[:, :prompt]), positions[..., :prompt],
+                       None, ids[:, prompt:], np.ones((rows, completion), np.float32),
+                       positions[..., prompt:], ())
 
 
 @pytest.mark.slow

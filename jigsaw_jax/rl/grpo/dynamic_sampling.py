@@ -21,7 +21,8 @@ At the cap (`config.rl.dynamic_sampling_at_cap`):
 * "raise": stop with an error, as verl does once `num_gen_batches` reaches
   `max_num_gen_batches` (verl's max_num_gen_batches=0 draws without a cap; here max_draws >= 1).
 
-`Groups` is the host-side record of one draw; `fill_batch` picks the groups of the update.
+`Groups` is the host-side record of one draw; `pick_groups` chooses the groups of the update
+(`fill_batch` takes them; their prompts are rows of the draws' collated prompts).
 """
 
 from __future__ import annotations
@@ -104,24 +105,28 @@ def count_informative(draws: Sequence[Groups], metric: str = "accuracy") -> int:
   return int(sum(informative(d, metric).sum() for d in draws))
 
 
-def fill_batch(draws: Sequence[Groups], size: int, metric: str = "accuracy",
-               at_cap: str = "fill") -> Groups:
-  """`size` groups: the informative ones first, in draw order; if there are fewer, zero-variance
-  groups (in draw order) fill the rest (`at_cap="fill"`) or a ValueError says so
-  (`at_cap="raise"`)."""
+def pick_groups(draws: Sequence[Groups], size: int, metric: str = "accuracy",
+                at_cap: str = "fill") -> np.ndarray:
+  """Which `size` groups (indices into the draws' groups, in draw order) the update trains on:
+  the informative ones first, in draw order; if there are fewer, zero-variance groups (in draw
+  order) fill the rest (`at_cap="fill"`) or a ValueError says so (`at_cap="raise"`)."""
   check_options(metric, at_cap)
-  every = Groups.concat(draws)
-  if len(every) < size:
-    raise ValueError(f"{len(every)} groups drawn, fewer than the batch of {size}.")
-  signal = informative(every, metric)
+  signal = np.concatenate([informative(d, metric) for d in draws])
+  if len(signal) < size:
+    raise ValueError(f"{len(signal)} groups drawn, fewer than the batch of {size}.")
   if at_cap == "raise" and signal.sum() < size:
     raise ValueError(
         f"Dynamic sampling found {int(signal.sum())} groups whose {metric} varies in "
         f"{len(draws)} draws, fewer than the batch of {size} (config.rl.max_draws reached). The "
         "puzzles may be too easy or too hard for the policy: raise config.rl.max_draws, or set "
         "config.rl.dynamic_sampling_at_cap=fill to complete the batch with zero-variance groups.")
-  order = np.concatenate([np.flatnonzero(signal), np.flatnonzero(~signal)])[:size]
-  return every.take(order)
+  return np.concatenate([np.flatnonzero(signal), np.flatnonzero(~signal)])[:size]
+
+
+def fill_batch(draws: Sequence[Groups], size: int, metric: str = "accuracy",
+               at_cap: str = "fill") -> Groups:
+  """The `pick_groups` groups of the draws."""
+  return Groups.concat(draws).take(pick_groups(draws, size, metric, at_cap))
 
 
 def any_process(flag: bool) -> bool:

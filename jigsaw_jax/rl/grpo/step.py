@@ -32,6 +32,7 @@ from jigsaw_jax.models.processing import Processor, collate
 from jigsaw_jax.rl.grpo import advantages as advantages_lib
 from jigsaw_jax.rl import components
 from jigsaw_jax.rl.grpo import dynamic_sampling
+from jigsaw_jax.rl import prompts as prompts_lib
 from jigsaw_jax.rl import rollout_rewards
 from jigsaw_jax.rl.sequences import build_sequences, split_rows
 from jigsaw_jax.rl.optim import mean_trees, micro_batch_token_normalizer
@@ -162,16 +163,20 @@ class GrpoStep:
   # -- rollout and rewards ------------------------------------------------------------------
 
   def draw(self, state, batch: Dict[str, Any], rng, timer=None) -> Tuple[
-      dynamic_sampling.Groups, Any]:
-    """One batch of puzzles rolled out G times each and scored: its Groups and collated prompts."""
+      dynamic_sampling.Groups, prompts_lib.Prompts]:
+    """One batch of puzzles rolled out G times each and scored: its Groups and its prompts
+    (collated, with their M-RoPE index)."""
     timer = timer or metrics_lib.NO_TIMER
     cfg, processor = self.cfg, self.processor
     with timer.phase("data"):
       encoded, puzzles = rollout_rewards.unique_encoded(batch, cfg.group_size, processor)
-      prompts = collate(encoded, processor.pad_token_id, cfg.prompt_bucket)
+      # Collated once, M-RoPE built once: the sampler and the update both use these.
+      prompts = prompts_lib.prepare(self.steps.model_cfg, collate(
+          encoded, processor.pad_token_id, cfg.prompt_bucket))
 
     with timer.phase("rollout"):
-      rollout = jax.block_until_ready(self.sampler.generate(self.policy(state), prompts, rng))
+      rollout = jax.block_until_ready(self.sampler.generate(self.policy(state), prompts.batch,
+                                                            rng, prompts.rope))
       tokens, mask = np.asarray(rollout.tokens), np.asarray(rollout.mask)
 
     with timer.phase("reward"):
@@ -185,10 +190,10 @@ class GrpoStep:
                                    rewards), prompts
 
   def rollout(self, state, batches: Iterator[Dict[str, Any]], rng,
-              timer=None) -> Tuple[StepRecords, Any]:
+              timer=None) -> Tuple[StepRecords, prompts_lib.Prompts]:
     """The step's groups (drawing more batches under dynamic sampling) and their prompts."""
-    first, first_prompts = self.draw(state, next(batches), rng, timer)
-    draws = [first]
+    first, prompts = self.draw(state, next(batches), rng, timer)
+    draws, draw_prompts = [first], [prompts]
     groups = first
     cfg = self.cfg
     if cfg.dynamic_sampling:
@@ -196,12 +201,15 @@ class GrpoStep:
       while len(draws) < cfg.max_draws and dynamic_sampling.any_process(
           dynamic_sampling.count_informative(draws, metric) < wanted):
         key = jax.random.fold_in(rng, len(draws) + DRAW_KEY_OFFSET)
-        draws.append(self.draw(state, next(batches), key, timer)[0])
-      groups = dynamic_sampling.fill_batch(draws, wanted, metric, cfg.dynamic_sampling_at_cap)
+        more, more_prompts = self.draw(state, next(batches), key, timer)
+        draws.append(more)
+        draw_prompts.append(more_prompts)
+      picked = dynamic_sampling.pick_groups(draws, wanted, metric, cfg.dynamic_sampling_at_cap)
+      groups = dynamic_sampling.Groups.concat(draws).take(picked)
+      # The picked groups' prompts: rows of the draws' collated prompts, re-padded.
+      prompts = prompts_lib.take_rows(draw_prompts, picked, self.steps.model_cfg.image_token_id,
+                                      self.processor.pad_token_id, self.cfg.prompt_bucket)
     drawn = dynamic_sampling.Groups.concat(draws) if len(draws) > 1 else groups
-    # Groups picked across draws need collating anew; a single draw's prompts are reused.
-    prompts = (first_prompts if groups is first else
-               collate(groups.encoded, self.processor.pad_token_id, cfg.prompt_bucket))
     return StepRecords(groups, drawn, len(draws)), prompts
 
   # -- the update ---------------------------------------------------------------------------
@@ -213,11 +221,12 @@ class GrpoStep:
       return self.steps.score(self.policy(state), seq, adapters_enabled=False)[0]
     return self.steps.score(self.ref_params, seq)[0]
 
-  def update(self, state, groups: dynamic_sampling.Groups, prompts, rng):
+  def update(self, state, groups: dynamic_sampling.Groups, prompts: prompts_lib.Prompts, rng):
     """mu optax updates on the groups' completions: (state, loss, loss metrics, update stats)."""
     cfg, steps = self.cfg, self.steps
     adv = np.asarray(self.advantage_fn(groups.rewards), np.float32).reshape(-1)
-    seq = build_sequences(steps.model_cfg, prompts, groups.tokens, groups.mask, cfg.group_size)
+    seq = build_sequences(steps.model_cfg, prompts.batch, groups.tokens, groups.mask,
+                          cfg.group_size, prompts.rope)
     micro = list(split_rows(seq, cfg.micro_batches))
     adv_micro = np.split(adv, len(micro))
     ref_logps = [self._reference_logp(state, m) for m in micro]
