@@ -2,6 +2,7 @@
 where the gradient goes."""
 
 import os
+import pathlib
 
 import flax.linen as nn
 import jax
@@ -188,7 +189,7 @@ def test_task_proxy_trains_and_checkpoints_only_the_proxy(tmp_path):
   from jigsaw_jax.runtime import checkpoint as checkpoint_lib
   from jigsaw_jax import main
   from jigsaw_jax import configlib
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  root = str(pathlib.Path(__file__).resolve().parents[3])  # the repository
   config = configlib.load_config_file(os.path.join(root, "configs/proxy_2x1.py:tiny"))
   with config.unlocked():
     config.total_steps = 2
