@@ -28,6 +28,7 @@ import ml_collections
 
 from jigsaw_jax.runtime import metrics as metrics_lib
 from jigsaw_jax.models import adapters as adapters_lib
+from jigsaw_jax.models import mllm
 from jigsaw_jax.models import policy as policy_lib
 from jigsaw_jax.models.config import ModelConfig
 from jigsaw_jax.rl.proxy import network as proxy_lib
@@ -177,7 +178,7 @@ def run_params(run_workdir: str, config: ml_collections.ConfigDict, *,
     if model_cfg.adapter is None:
       raise mismatch(ValueError("Its checkpoints hold adapters, but its config has "
                                 "adapter.kind='none'."))
-    target = abstract(jax.eval_shape(lambda r: adapters_lib.init_adapters(model_cfg, r),
+    target = abstract(jax.eval_shape(lambda r: mllm.init_adapters(model_cfg, r),
                                      jax.random.key(0)),
                       _replicated())
     at, trained = _read(ckpt_dir, "params", target, at, what=what, mismatch=mismatch)
