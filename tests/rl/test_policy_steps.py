@@ -19,7 +19,7 @@ def _step_grads(steps, params, seq, advantages, old_logp, ref_logp, micro_batche
                 normalise=True):
   """The trainer's accumulation: mean of the micro-batch gradients."""
   micro = list(split_rows(seq, micro_batches))
-  rows = seq.input_ids.shape[0] // micro_batches
+  rows = seq.rows // micro_batches
   cut = lambda x: [x[i * rows:(i + 1) * rows] for i in range(micro_batches)]
   normalizer = (micro_batch_token_normalizer([m.completion_mask for m in micro])
                 if normalise else None)
