@@ -197,9 +197,11 @@ def plan_preset(config, preset: str, mesh, *, image_tokens: int, text_tokens: in
            prompt_rows((3, micro_prompts, prompt_len), jnp.int32, 1), pixels(micro_prompts),
            row((rows, new_tokens), jnp.int32), row((rows, new_tokens), jnp.float32),
            row((3, rows, new_tokens), jnp.int32, 1))
-  # advantages, old log-probs (None: mu = 1), reference log-probs (the KL term), dropout key.
+  # advantages, old log-probs (None: mu = 1), reference log-probs (the KL term), dropout key,
+  # and the step's token normaliser, a scalar the trainer always passes.
   extra = (row((rows,), jnp.float32), None,
-           row((rows, new_tokens), jnp.float32) if rl.beta else None, None)
+           row((rows, new_tokens), jnp.float32) if rl.beta else None, None,
+           jax.ShapeDtypeStruct((), jnp.float32, sharding=rep))
   start = time.time()
   with policy._context():
     # Static: whether the G rows of a prompt share its forward pass (as the trainer's).
