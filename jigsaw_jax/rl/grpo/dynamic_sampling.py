@@ -41,7 +41,6 @@ from jigsaw_jax.rl.grpo import advantages as advantages_lib
 class Groups:
   """Rollouts of P prompts, G completions each: rows g*G ... g*G+G-1 belong to prompt g."""
 
-  encoded: List[Any]  # P PromptInputs (token ids and pixels of each prompt)
   puzzles: List[Any]  # P Puzzle
   tokens: np.ndarray  # int [P*G, T] completion tokens
   mask: np.ndarray  # [P*G, T] 1 on generated tokens
@@ -61,14 +60,14 @@ class Groups:
     groups = np.asarray(groups, np.int64)
     rows = (groups[:, None] * self.group_size + np.arange(self.group_size)[None]).reshape(-1)
     return Groups(
-        encoded=[self.encoded[g] for g in groups], puzzles=[self.puzzles[g] for g in groups],
+        puzzles=[self.puzzles[g] for g in groups],
         tokens=self.tokens[rows], mask=self.mask[rows], texts=[self.texts[r] for r in rows],
         scores={k: v[groups] for k, v in self.scores.items()}, rewards=self.rewards[groups])
 
   @staticmethod
   def concat(parts: Sequence["Groups"]) -> "Groups":
     return Groups(
-        encoded=[e for p in parts for e in p.encoded], puzzles=[z for p in parts for z in p.puzzles],
+        puzzles=[z for p in parts for z in p.puzzles],
         tokens=np.concatenate([p.tokens for p in parts]),
         mask=np.concatenate([p.mask for p in parts]),
         texts=[t for p in parts for t in p.texts],

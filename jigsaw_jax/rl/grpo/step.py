@@ -186,8 +186,7 @@ class GrpoStep:
       if cfg.overlong_buffer:
         rewards = rewards + np.asarray(advantages_lib.overlong_penalty(
             mask.sum(-1), cfg.max_new_tokens, cfg.overlong_buffer)).reshape(rewards.shape)
-    return dynamic_sampling.Groups(encoded, puzzles, tokens, mask, texts, scores,
-                                   rewards), prompts
+    return dynamic_sampling.Groups(puzzles, tokens, mask, texts, scores, rewards), prompts
 
   def rollout(self, state, batches: Iterator[Dict[str, Any]], rng,
               timer=None) -> Tuple[StepRecords, prompts_lib.Prompts]:

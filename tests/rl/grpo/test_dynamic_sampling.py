@@ -23,7 +23,6 @@ def _groups(rewards, tag, accuracy=None):
   prompts, group = rewards.shape
   rows = [(tag, p, g) for p in range(prompts) for g in range(group)]
   return dynamic_sampling.Groups(
-      encoded=[f"{tag}-prompt{p}" for p in range(prompts)],
       puzzles=[f"{tag}-puzzle{p}" for p in range(prompts)],
       tokens=np.array([[100 * t + 10 * p + g] for t, p, g in rows]),
       mask=np.ones((prompts * group, 1)), texts=[f"{t}{p}{g}" for t, p, g in rows],
